@@ -1,0 +1,5 @@
+import sys
+
+from globopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The records that travel between search, scheduler, workers and archive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pymatgen.core import Structure
+
+
+class Status(StrEnum):
+    """Outcome of one candidate. Only ``relaxed`` structures compete for best/; the rest say why not."""
+
+    PENDING = "pending"  # issued to a worker, not finished (re-issued on resume)
+    RELAXED = "relaxed"  # converged below fmax
+    UNCONVERGED = "unconverged"  # hit max_steps; energy recorded, not ranked
+    NAN = "nan"  # potential returned NaN/inf
+    EXPLODED = "exploded"  # volume or energy ran out of physical bounds
+    COLLAPSED = "collapsed"  # atoms closer than the minimum distance after/during relaxation
+    FAILED = "failed"  # the calculator raised an error
+    WORKER_DIED = "worker_died"  # the process relaxing it died, repeatedly
+    REJECTED = "rejected"  # failed the geometry sanity check before relaxation (no potential call)
+    DUPLICATE = "duplicate"  # matched an archived structure before relaxation (no potential call)
+
+    @property
+    def used_potential(self) -> bool:
+        """Whether this outcome consumed a relaxation (and so counts against the evaluation budget)."""
+        return self not in (Status.PENDING, Status.REJECTED, Status.DUPLICATE)
+
+
+FINISHED_WITH_ENERGY = (Status.RELAXED, Status.UNCONVERGED)
+
+
+@dataclass
+class Proposal:
+    """A structure a search algorithm wants evaluated, with where it came from."""
+
+    structure: Structure
+    origin: str  # e.g. "random:sg225"
+    parents: tuple[int, ...] = ()
+
+
+@dataclass
+class RelaxTask:
+    """Work for a worker: one candidate id and its starting structure."""
+
+    candidate_id: int
+    structure: Structure
+    attempt: int = 1
+
+
+@dataclass
+class Evaluation:
+    """What a worker sends back about one relaxation."""
+
+    candidate_id: int
+    status: Status
+    reason: str = ""
+    relaxed: Structure | None = None
+    energy: float | None = None  # eV, total
+    energy_per_atom: float | None = None
+    enthalpy_per_atom: float | None = None  # the fitness; equals energy_per_atom at zero pressure
+    spacegroup: str | None = None
+    spacegroup_number: int | None = None
+    n_steps: int = 0
+    n_force_calls: int = 0
+    seconds: float = 0.0
+    potential_seconds: float = 0.0
+    worker: str = ""
+    extra: dict = field(default_factory=dict)

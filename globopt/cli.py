@@ -1,0 +1,204 @@
+"""Command line: globopt run | resume | validate | status | report.
+
+Exit codes: 0 success, 2 the user must fix something (config, run directory, model), 1 an internal
+error, 130 interrupted (the run can be resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("globopt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except _UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+class _UserError(Exception):
+    """Something the user must fix; printed without a traceback, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="globopt", description="Crystal-structure discovery engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run", help="run (or with --resume continue) a search described by a YAML config"
+    )
+    run.add_argument("config", type=Path)
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run already in the run directory")
+    run.add_argument("--workers", type=int, help="override the config's number of local worker processes")
+    run.add_argument("--verbose", "-v", action="store_true")
+    run.set_defaults(handler=_cmd_run)
+
+    resume = commands.add_parser("resume", help="continue a killed or finished run from its directory")
+    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("--workers", type=int)
+    resume.add_argument("--verbose", "-v", action="store_true")
+    resume.set_defaults(handler=_cmd_resume)
+
+    validate = commands.add_parser("validate", help="check a config without running it")
+    validate.add_argument("config", type=Path)
+    validate.set_defaults(handler=_cmd_validate)
+
+    status = commands.add_parser("status", help="progress and best structures of a run directory")
+    status.add_argument("run_dir", type=Path)
+    status.set_defaults(handler=_cmd_status)
+
+    report = commands.add_parser("report", help="convergence plot and summary of a run directory")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="folder for the report (default: RUN_DIR/report)")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def _load(path: Path):
+    from globopt.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _UserError(str(exc)) from None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(
+        f"{args.config}: valid. mode={config.mode} composition={config.formula} "
+        f"budget={config.budget.evaluations} potential={config.potential.kind}:{config.potential.model}"
+    )
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from globopt.rundir import RunDirectory, RunDirError
+
+    config = _load(args.config)
+    if args.workers is not None:
+        config = config.model_copy(update={"workers": _positive_workers(args.workers)})
+    out = args.out or Path("runs") / config.name
+    try:
+        if args.resume:
+            run, config = RunDirectory.open_existing(out, config)
+        else:
+            run = RunDirectory.create(out, config)
+    except RunDirError as exc:
+        raise _UserError(str(exc)) from None
+    return _execute(run, config, args.verbose)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from globopt.rundir import RunDirectory, RunDirError
+
+    try:
+        run, config = RunDirectory.open_existing(args.run_dir)
+    except RunDirError as exc:
+        raise _UserError(str(exc)) from None
+    if args.workers is not None:
+        config = config.model_copy(update={"workers": _positive_workers(args.workers)})
+    return _execute(run, config, args.verbose)
+
+
+def _positive_workers(value: int) -> int:
+    if value < 1:
+        raise _UserError(f"--workers must be at least 1, got {value}")
+    return value
+
+
+def _execute(run, config, verbose: bool) -> int:
+    from globopt.archive import ArchiveError
+    from globopt.engine import Engine
+    from globopt.progress import Progress, configure_logging
+    from globopt.search.base import SearchExhausted
+    from surrogates.calculators import PotentialUnavailableError
+    from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
+
+    interactive = sys.stderr.isatty()
+    configure_logging(run.log_path, interactive, verbose)
+    log.info(
+        "run %s: %s search for %s, budget %d evaluations, %d worker(s), potential %s:%s, output %s",
+        config.name, config.mode, config.formula, config.budget.evaluations, config.workers,
+        config.potential.kind, config.potential.model, run.path,
+    )  # fmt: skip
+    try:
+        engine = Engine(config, run, Progress(interactive))
+        summary = engine.run()
+    except (
+        ModelNotFoundError,
+        ModelLoadError,
+        PotentialUnavailableError,
+        ArchiveError,
+        SearchExhausted,
+    ) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        if "cannot build the potential" in str(exc):
+            log.error("%s", exc)
+            return EXIT_USAGE
+        raise
+    finally:
+        run.release_lock()
+    _log_summary(summary, run)
+    return EXIT_INTERRUPTED if summary.interrupted else EXIT_OK
+
+
+def _log_summary(summary, run) -> None:
+    if summary.best_id is not None:
+        log.info(
+            "best: %.4f eV/atom %s (candidate %d); structures in %s",
+            summary.best_enthalpy_per_atom, summary.best_spacegroup or "", summary.best_id, run.best_path,
+        )  # fmt: skip
+    if summary.relax_seconds > 0:
+        log.info(
+            "this session: %.1f s wall, %.1f s relaxing, %.1f s inside the potential (%.0f%% of wall time)",
+            summary.wall_seconds, summary.relax_seconds, summary.potential_seconds,
+            100 * summary.potential_seconds / max(summary.wall_seconds, 1e-9),
+        )  # fmt: skip
+    log.info(
+        "%d/%d evaluations committed%s",
+        summary.evaluations,
+        summary.budget,
+        " (interrupted: resume with `globopt resume " + str(run.path) + "`)" if summary.interrupted else "",
+    )
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from globopt.report import status_text
+    from globopt.rundir import RunDirError
+
+    try:
+        print(status_text(args.run_dir))
+    except RunDirError as exc:
+        raise _UserError(str(exc)) from None
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from globopt.report import write_report
+    from globopt.rundir import RunDirError
+
+    try:
+        files = write_report(args.run_dir, args.out)
+    except RunDirError as exc:
+        raise _UserError(str(exc)) from None
+    for path in files:
+        print(path)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Parsing and checking the composition a search is asked to solve.
+
+Users write formulas (``Na4Cl4``) or mappings (``{Na: 4, Cl: 4}``); the engine needs an ordered
+element -> integer-count mapping for the conventional cell it will build. Errors are raised as
+``ValueError`` with a message a user can act on; the config layer attaches the key name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pymatgen.core import Composition, Element
+
+# Random symmetric structures of more atoms than this are practically never relaxed to a ground state
+# within any budget a user would pay for; larger cells belong to templates or HTVS, not to ab initio search.
+MAX_ATOMS = 200
+
+
+def parse_composition(value: str | Mapping[str, object]) -> dict[str, int]:
+    """Return {element symbol: atom count} in the order given, or raise ValueError saying what is wrong."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("empty formula; expected e.g. 'Na4Cl4' or a mapping {Na: 4, Cl: 4}")
+        _check_symbols_in_formula(text)
+        try:
+            parsed = Composition(text)
+        except Exception as exc:  # pymatgen raises several types for malformed formulas
+            raise ValueError(f"cannot parse formula {text!r} ({exc}); expected e.g. 'Na4Cl4'") from exc
+        items = [(str(el), amount) for el, amount in parsed.items()]
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        raise ValueError(
+            f"expected a formula string or an element -> count mapping, got {type(value).__name__}"
+        )
+
+    counts: dict[str, int] = {}
+    for symbol, amount in items:
+        symbol = str(symbol)
+        if not Element.is_valid_symbol(symbol):
+            raise ValueError(f"{symbol!r} is not a chemical element symbol (expected e.g. Na, Cl, Ti, O)")
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise ValueError(f"count of {symbol} must be a positive integer, got {amount!r}")
+        if amount <= 0 or abs(amount - round(amount)) > 1e-8:
+            raise ValueError(
+                f"count of {symbol} must be a positive integer number of atoms in the cell, got {amount!r}"
+            )
+        counts[symbol] = counts.get(symbol, 0) + round(amount)
+    if not counts:
+        raise ValueError("composition has no elements")
+    total = sum(counts.values())
+    if total > MAX_ATOMS:
+        raise ValueError(f"{total} atoms per cell is more than the {MAX_ATOMS} a search can handle")
+    return counts
+
+
+def _check_symbols_in_formula(text: str) -> None:
+    """pymatgen accepts some junk silently (e.g. lower-case runs); name unknown symbols clearly instead."""
+    import re
+
+    for symbol in re.findall(r"[A-Z][a-z]*", text):
+        if not Element.is_valid_symbol(symbol):
+            raise ValueError(f"{symbol!r} in formula {text!r} is not a chemical element symbol")
+    if re.search(r"[^A-Za-z0-9.()\s]", text) or re.match(r"^[a-z]", text):
+        raise ValueError(
+            f"cannot parse formula {text!r}; expected element symbols with counts, e.g. 'Na4Cl4'"
+        )
+
+
+def formula_string(counts: Mapping[str, int]) -> str:
+    """Compact formula in the user's element order, e.g. Na4Cl4 (not reduced: the cell content matters)."""
+    return "".join(f"{el}{n if n != 1 else ''}" for el, n in counts.items())

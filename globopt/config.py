@@ -1,0 +1,221 @@
+"""The run configuration: a YAML file validated by pydantic.
+
+Every mistake a user can make in the file is reported with the dotted key it concerns and what is
+allowed there, before any expensive work starts (``globopt validate`` runs exactly this).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from globopt.composition import formula_string, parse_composition
+
+DEFAULT_MODEL = "M3GNet-MP-2021.2.8-PES"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message lists every problem found."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BudgetConfig(_Section):
+    evaluations: PositiveInt = Field(40, description="relaxations to run (counted across restarts)")
+
+
+class PotentialConfig(_Section):
+    kind: Literal["matgl", "emt", "chgnet", "ase"] = Field(
+        "matgl",
+        description="matgl (M3GNet etc.), emt (ASE EMT, for tests), chgnet, or ase (any ASE calculator)",
+    )
+    model: str = Field(DEFAULT_MODEL, description="matgl model name or folder (kind: matgl / chgnet)")
+    calculator: str | None = Field(
+        None, description="'package.module:ClassName' of an ASE calculator (kind: ase)"
+    )
+    calculator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _calculator_given_for_ase(self) -> PotentialConfig:
+        if self.kind == "ase" and not self.calculator:
+            raise ValueError(
+                "potential.calculator is required with kind: ase (e.g. 'ase.calculators.emt:EMT')"
+            )
+        return self
+
+
+class RelaxConfig(_Section):
+    optimizer: Literal["FIRE", "BFGS", "LBFGS"] = "FIRE"
+    fmax: PositiveFloat = Field(0.05, description="force convergence threshold, eV/Å")
+    max_steps: PositiveInt = 300
+    pressure_gpa: float = Field(0.0, description="external pressure; fitness becomes enthalpy per atom")
+    relax_cell: bool = True
+
+
+class ChecksConfig(_Section):
+    """Geometry sanity bounds, applied before a relaxation and again to its result."""
+
+    min_distance_factor: float = Field(
+        0.6,
+        gt=0,
+        lt=2,
+        description="closest allowed pair distance as a fraction of the sum of covalent radii",
+    )
+    volume_factor_range: tuple[float, float] = Field(
+        (0.4, 8.0), description="allowed volume/atom relative to the mean covalent-sphere volume of the atoms"
+    )
+
+    @field_validator("volume_factor_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] < value[1]:
+            raise ValueError("expected [low, high] with 0 < low < high")
+        return value
+
+
+class RandomSearchConfig(_Section):
+    spacegroups: list[int] | None = Field(
+        None, description="space groups to draw from; default all compatible with the composition"
+    )
+    volume_factor: PositiveFloat = Field(1.1, description="pyxtal volume factor for random cells")
+
+    @field_validator("spacegroups")
+    @classmethod
+    def _valid_groups(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            bad = [g for g in value if not 1 <= g <= 230]
+            if bad or not value:
+                raise ValueError(f"space group numbers must be 1..230 (got {bad or value})")
+        return value
+
+
+class DuplicatesConfig(_Section):
+    ltol: PositiveFloat = 0.2
+    stol: PositiveFloat = 0.3
+    angle_tol: PositiveFloat = 5.0
+    energy_tol: PositiveFloat = Field(
+        0.01, description="eV/atom: relaxed structures further apart never match"
+    )
+
+
+class AnalysisConfig(_Section):
+    symprec: PositiveFloat = Field(0.1, description="spglib tolerance for the reported space group, Å")
+
+
+class OutputConfig(_Section):
+    n_best: PositiveInt = Field(10, description="unique lowest-energy structures written to best/")
+
+
+class RunConfig(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; output goes to runs/<name>"
+    )
+    mode: Literal["random"] = Field("random", description="search algorithm")
+    composition: dict[str, int] = Field(description="formula string (Na4Cl4) or mapping {Na: 4, Cl: 4}")
+    seed: int = 0
+    workers: PositiveInt = Field(1, description="local worker processes relaxing in parallel")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    potential: PotentialConfig = Field(default_factory=PotentialConfig)
+    relax: RelaxConfig = Field(default_factory=RelaxConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    random: RandomSearchConfig = Field(default_factory=RandomSearchConfig)
+    duplicates: DuplicatesConfig = Field(default_factory=DuplicatesConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("composition", mode="before")
+    @classmethod
+    def _parse_composition(cls, value: Any) -> dict[str, int]:
+        return parse_composition(value)
+
+    @model_validator(mode="after")
+    def _potential_covers_elements(self) -> RunConfig:
+        from surrogates.calculators import covered_elements
+
+        covered = covered_elements(self.potential.kind, self.potential.model)
+        if covered is not None:
+            missing = [el for el in self.composition if el not in covered]
+            if missing:
+                raise ValueError(
+                    f"composition: element(s) {', '.join(missing)} not covered by the potential "
+                    f"(potential.kind={self.potential.kind}, model={self.potential.model}); "
+                    f"it covers: {' '.join(sorted(covered))}"
+                )
+        return self
+
+    @property
+    def formula(self) -> str:
+        return formula_string(self.composition)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; raise ConfigError with every problem named by key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of keys (name, mode, composition, ...) at the top level"
+        )
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(err) for err in exc.errors()]
+        raise ConfigError(
+            f"{source}: {len(lines)} problem(s):\n" + "\n".join(f"  - {ln}" for ln in lines)
+        ) from None
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"unknown key '{key}'{did_you_mean}; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"'{key}' is required"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        return f"'{key}': {message}, got {err.get('input')!r}"
+    if not loc:
+        return message
+    return f"'{key}': {message} (got {err.get('input')!r})"
+
+
+def _allowed_keys(section_path: list[str]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in section_path:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

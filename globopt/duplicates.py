@@ -1,0 +1,91 @@
+"""Two-stage duplicate detection: a cheap bucket key first, StructureMatcher only within the bucket.
+
+StructureMatcher is exact but costs milliseconds per pair; a search keeps thousands of structures.
+Bucketing by reduced formula and space group (and, for relaxed structures, an energy window) keeps the
+number of full comparisons per query small and independent of archive size in practice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+
+def bucket_key(structure: Structure, symprec: float) -> tuple[str, int]:
+    """(reduced formula, space group number); 0 when spglib cannot decide."""
+    try:
+        number = SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number()
+    except Exception:
+        number = 0
+    return structure.composition.reduced_formula, int(number)
+
+
+@dataclass
+class _Entry:
+    candidate_id: int
+    structure: Structure
+    energy: float | None
+
+
+class DuplicateIndex:
+    """Structures seen so far, queried for a match before adding a new one."""
+
+    def __init__(
+        self,
+        ltol: float,
+        stol: float,
+        angle_tol: float,
+        energy_tol: float,
+        symprec: float,
+        bucket_by_spacegroup: bool = True,
+    ) -> None:
+        """Relaxed structures are bucketed by formula and energy only: a slightly distorted copy of a
+        minimum can get another space group at a given symprec, yet it is the same minimum."""
+        self.matcher = StructureMatcher(
+            ltol=ltol, stol=stol, angle_tol=angle_tol, primitive_cell=True, scale=True
+        )
+        self.energy_tol = energy_tol
+        self.symprec = symprec
+        self.bucket_by_spacegroup = bucket_by_spacegroup
+        self._buckets: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._buckets.values())
+
+    def find(
+        self, structure: Structure, energy: float | None = None, key: tuple[str, int] | None = None
+    ) -> int | None:
+        """Id of an indexed structure equivalent to this one, or None.
+
+        With an energy given, only entries within energy_tol are compared: two relaxed minima that far
+        apart in energy are different structures whatever their geometry looks like.
+        """
+        key = key or self.key(structure)
+        for entry in self._buckets.get(key, ()):
+            if (
+                energy is not None
+                and entry.energy is not None
+                and abs(entry.energy - energy) > self.energy_tol
+            ):
+                continue
+            if self.matcher.fit(structure, entry.structure):
+                return entry.candidate_id
+        return None
+
+    def add(
+        self,
+        candidate_id: int,
+        structure: Structure,
+        energy: float | None = None,
+        key: tuple[str, int] | None = None,
+    ) -> None:
+        self._buckets[key or self.key(structure)].append(_Entry(candidate_id, structure, energy))
+
+    def key(self, structure: Structure) -> tuple[str, int]:
+        if self.bucket_by_spacegroup:
+            return bucket_key(structure, self.symprec)
+        return structure.composition.reduced_formula, 0

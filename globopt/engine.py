@@ -1,0 +1,238 @@
+"""The run loop: search proposes, the evaluator pipeline screens and relaxes, the archive commits.
+
+Order of events for one candidate (see DESIGN.md, data flow)::
+
+    search.propose -> geometry check -> duplicate check -> archive (pending, with search state)
+      -> scheduler (relax + analyse on a worker) -> relaxed-duplicate check
+      -> archive (final, with search state) -> search.tell -> results.csv / best/ / progress
+
+The archive row is written *before* work is handed out and *before* the search learns the result,
+so a kill at any point loses nothing that was committed and repeats nothing: pending rows are simply
+re-issued on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from globopt.archive import Archive, structure_from_json
+from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
+from globopt.config import RunConfig
+from globopt.duplicates import DuplicateIndex
+from globopt.evaluation import EvaluatorSettings
+from globopt.geometry import geometry_limits, geometry_problem
+from globopt.progress import Progress
+from globopt.rundir import RunDirectory
+from globopt.scheduler import make_scheduler
+from globopt.search import make_search
+from globopt.search.base import SearchAlgorithm, SearchExhausted
+from surrogates.relax import RelaxSettings
+
+log = logging.getLogger("globopt")
+
+# A task is re-issued after its worker died this many times before it is recorded as worker_died:
+# one death may be bad luck (OOM from a neighbour), repeated deaths mean the structure kills workers.
+MAX_ATTEMPTS = 3
+# Consecutive candidates rejected before relaxation after which the search is clearly unable to
+# produce sane structures under the configured checks.
+MAX_CONSECUTIVE_REJECTIONS = 500
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: stop handing out work; pending candidates are re-issued on resume."""
+
+
+@dataclass
+class RunSummary:
+    evaluations: int
+    budget: int
+    best_id: int | None
+    best_enthalpy_per_atom: float | None
+    best_spacegroup: str | None
+    wall_seconds: float
+    potential_seconds: float
+    relax_seconds: float
+    interrupted: bool = False
+
+
+class Engine:
+    def __init__(self, config: RunConfig, run: RunDirectory, progress: Progress) -> None:
+        self.config = config
+        self.run_dir = run
+        self.progress = progress
+        self.archive: Archive = run.open_archive()
+        self.limits = geometry_limits(
+            config.composition,
+            config.composition.values(),
+            config.checks.min_distance_factor,
+            config.checks.volume_factor_range,
+        )
+        self.search: SearchAlgorithm = make_search(config)
+        state = self.archive.load_state()
+        if state is not None:
+            self.search.load_state_dict(state)
+        dup = config.duplicates
+        symprec = config.analysis.symprec
+        self.initial_index = DuplicateIndex(dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, symprec)
+        self.relaxed_index = DuplicateIndex(
+            dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, symprec, bucket_by_spacegroup=False
+        )
+        self.best: tuple[float, int, str | None] | None = None
+        self._rebuild_indexes()
+        self.settings = EvaluatorSettings(
+            potential=config.potential.model_dump(),
+            relax=RelaxSettings(
+                fmax=config.relax.fmax,
+                max_steps=config.relax.max_steps,
+                pressure_gpa=config.relax.pressure_gpa,
+                optimizer=config.relax.optimizer,
+                relax_cell=config.relax.relax_cell,
+            ),
+            limits=self.limits,
+            symprec=symprec,
+        )
+
+    def _rebuild_indexes(self) -> None:
+        """Duplicate indexes and the best-so-far are derived from the archive, never stored apart."""
+        for row in self.archive.rows("WHERE status NOT IN ('rejected', 'duplicate')"):
+            self.initial_index.add(row["id"], structure_from_json(row["initial"]))
+            if row["status"] == Status.RELAXED and row["duplicate_of"] is None:
+                self.relaxed_index.add(
+                    row["id"], structure_from_json(row["relaxed"]), row["enthalpy_per_atom"]
+                )
+                self._update_best(row["enthalpy_per_atom"], row["id"], row["spacegroup"])
+
+    def _update_best(self, enthalpy: float, candidate_id: int, spacegroup: str | None) -> bool:
+        if self.best is None or enthalpy < self.best[0] - 1e-9:
+            self.best = (enthalpy, candidate_id, spacegroup)
+            return True
+        return False
+
+    # -- main loop -----------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        started = time.perf_counter()
+        budget = self.config.budget.evaluations
+        self.run_dir.rewrite_results(self.archive)  # repair rows a previous kill may have left out
+        reissue: deque[RelaxTask] = deque(self.archive.pending_tasks())
+        used = self.archive.count_used_potential()
+        if reissue:
+            log.info(
+                "resuming: %d evaluations committed, %d in flight at the kill are re-issued",
+                used,
+                len(reissue),
+            )
+        elif used:
+            log.info("resuming: %d evaluations committed", used)
+        self.progress.start(total=budget, done=used, best=self.best)
+        scheduler = make_scheduler(self.settings, self.config.workers)
+        interrupted = False
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+        potential_seconds = relax_seconds = 0.0
+        try:
+            rejections = 0
+            while True:
+                while scheduler.in_flight < scheduler.capacity and (
+                    reissue or used + scheduler.in_flight < budget
+                ):
+                    if reissue:
+                        scheduler.submit(reissue.popleft())
+                        continue
+                    task = self._next_task()
+                    if task is None:
+                        rejections += 1
+                        if rejections >= MAX_CONSECUTIVE_REJECTIONS:
+                            raise SearchExhausted(
+                                f"{rejections} consecutive candidates failed the geometry/duplicate checks; "
+                                f"loosen checks.* or duplicates.* in the config"
+                            )
+                        continue
+                    rejections = 0
+                    scheduler.submit(task)
+                if scheduler.in_flight == 0:
+                    break
+                for task, evaluation in scheduler.collect():
+                    if evaluation.status is Status.WORKER_DIED and task.attempt < MAX_ATTEMPTS:
+                        log.warning("candidate %d: %s; re-issuing", task.candidate_id, evaluation.reason)
+                        retry = RelaxTask(task.candidate_id, task.structure, task.attempt + 1)
+                        self.archive.record_attempt(task.candidate_id, retry.attempt)
+                        reissue.append(retry)
+                        continue
+                    self._commit(evaluation)
+                    used += 1
+                    potential_seconds += evaluation.potential_seconds
+                    relax_seconds += evaluation.seconds
+        except (KeyboardInterrupt, Interrupted):
+            interrupted = True
+            log.warning(
+                "interrupted: committed results are kept; in-flight candidates are re-issued on resume"
+            )
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            scheduler.close()
+            self.run_dir.rewrite_results(self.archive)
+            self.run_dir.write_best(self.archive, self.config.output.n_best)
+            self.progress.close()
+        return RunSummary(
+            evaluations=self.archive.count_used_potential(),
+            budget=budget,
+            best_id=self.best[1] if self.best else None,
+            best_enthalpy_per_atom=self.best[0] if self.best else None,
+            best_spacegroup=self.best[2] if self.best else None,
+            wall_seconds=time.perf_counter() - started,
+            potential_seconds=potential_seconds,
+            relax_seconds=relax_seconds,
+            interrupted=interrupted,
+        )
+
+    def _next_task(self) -> RelaxTask | None:
+        """Screen one proposal; return a task to relax, or None when it was rejected (and recorded)."""
+        proposal = self.search.propose()
+        problem = geometry_problem(proposal.structure, self.limits)
+        if problem:
+            self._record_screened(proposal, Status.REJECTED, problem)
+            return None
+        key = self.initial_index.key(proposal.structure)
+        match = self.initial_index.find(proposal.structure, key=key) or self.relaxed_index.find(
+            proposal.structure
+        )
+        if match is not None:
+            self._record_screened(proposal, Status.DUPLICATE, f"same structure as candidate {match}", match)
+            return None
+        candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self.search.state_dict())
+        self.initial_index.add(candidate_id, proposal.structure, key=key)
+        return RelaxTask(candidate_id, proposal.structure)
+
+    def _record_screened(
+        self, proposal: Proposal, status: Status, reason: str, duplicate_of: int | None = None
+    ) -> None:
+        candidate_id = self.archive.add_candidate(
+            proposal, status, self.search.state_dict(), reason, duplicate_of
+        )
+        self.run_dir.append_result(self.archive, candidate_id)
+
+    def _commit(self, evaluation: Evaluation) -> None:
+        duplicate_of = None
+        new_best = False
+        if evaluation.status is Status.RELAXED:
+            duplicate_of = self.relaxed_index.find(evaluation.relaxed, evaluation.enthalpy_per_atom)
+            if duplicate_of is None:
+                self.relaxed_index.add(
+                    evaluation.candidate_id, evaluation.relaxed, evaluation.enthalpy_per_atom
+                )
+                new_best = self._update_best(
+                    evaluation.enthalpy_per_atom, evaluation.candidate_id, evaluation.spacegroup
+                )
+        self.search.tell(evaluation.candidate_id, evaluation)
+        self.archive.commit_evaluation(evaluation, self.search.state_dict(), duplicate_of)
+        self.run_dir.append_result(self.archive, evaluation.candidate_id)
+        if new_best:
+            self.run_dir.write_best(self.archive, self.config.output.n_best)
+        self.progress.finished(evaluation, duplicate_of, self.best)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(f"signal {signum}")

@@ -1,0 +1,103 @@
+"""The worker half of the evaluator pipeline: relax one candidate and analyse the result.
+
+Runs wherever the scheduler puts it (in-process, a pool process, an MPI rank). Everything it needs
+travels in ``EvaluatorSettings`` (picklable), and the calculator is built once per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pymatgen.io.ase import AseAtomsAdaptor
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from globopt.candidate import Evaluation, RelaxTask, Status
+from globopt.geometry import GeometryLimits
+from surrogates.calculators import build_calculator
+from surrogates.relax import RelaxSettings, relax
+
+_FAILURE_STATUS = {
+    "nan": Status.NAN,
+    "exploded": Status.EXPLODED,
+    "collapsed": Status.COLLAPSED,
+    "error": Status.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class EvaluatorSettings:
+    potential: dict[str, Any]  # kind, model, calculator, calculator_kwargs, device
+    relax: RelaxSettings
+    limits: GeometryLimits
+    symprec: float = 0.1
+
+
+def worker_label() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def prepare_worker(settings: EvaluatorSettings, torch_threads: int | None = None) -> None:
+    """Pin thread counts and load the potential now, so the first candidate does not pay for it."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    build_calculator(**settings.potential)
+
+
+def evaluate(task: RelaxTask, settings: EvaluatorSettings) -> Evaluation:
+    """Relax and analyse; every failure becomes a status with a reason, never an exception."""
+    try:
+        calculator = build_calculator(**settings.potential)
+    except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
+        raise RuntimeError(f"cannot build the potential: {exc}") from exc
+    atoms = AseAtomsAdaptor.get_atoms(task.structure)
+    relax_settings = RelaxSettings(
+        fmax=settings.relax.fmax,
+        max_steps=settings.relax.max_steps,
+        pressure_gpa=settings.relax.pressure_gpa,
+        optimizer=settings.relax.optimizer,
+        relax_cell=settings.relax.relax_cell,
+        min_distance=settings.limits.min_distance,
+        volume_per_atom_range=settings.limits.volume_per_atom_range,
+    )
+    outcome = relax(atoms, calculator, relax_settings)
+    n_atoms = len(atoms)
+    result = Evaluation(
+        candidate_id=task.candidate_id,
+        status=Status.RELAXED,
+        n_steps=outcome.n_steps,
+        n_force_calls=outcome.n_force_calls,
+        seconds=outcome.seconds,
+        potential_seconds=outcome.potential_seconds,
+        worker=worker_label(),
+    )
+    if outcome.failure:
+        result.status = _FAILURE_STATUS[outcome.failure]
+        result.reason = outcome.reason
+        if math.isfinite(outcome.energy):
+            result.energy = outcome.energy
+            result.energy_per_atom = outcome.energy / n_atoms
+        return result
+    relaxed = AseAtomsAdaptor.get_structure(outcome.atoms)
+    result.relaxed = relaxed
+    result.energy = outcome.energy
+    result.energy_per_atom = outcome.energy / n_atoms
+    result.enthalpy_per_atom = outcome.enthalpy / n_atoms
+    if not outcome.converged:
+        result.status = Status.UNCONVERGED
+        result.reason = f"max force {outcome.max_force:.3f} eV/Å after {outcome.n_steps} steps"
+    result.spacegroup, result.spacegroup_number = spacegroup_of(relaxed, settings.symprec)
+    return result
+
+
+def spacegroup_of(structure, symprec: float) -> tuple[str | None, int | None]:
+    try:
+        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+        return analyzer.get_space_group_symbol(), int(analyzer.get_space_group_number())
+    except Exception:  # spglib gives up on badly distorted cells; the energy is still valid
+        return None, None

@@ -1,0 +1,119 @@
+"""Where relaxations run. The engine sees only submit / collect; this module alone knows the backend.
+
+Steady-state: the engine keeps every worker busy by submitting a new task as soon as ``collect``
+returns a finished one; there is no generation barrier.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from abc import ABC, abstractmethod
+from concurrent.futures.process import BrokenProcessPool
+
+from globopt.candidate import Evaluation, RelaxTask, Status
+from globopt.evaluation import EvaluatorSettings, evaluate, prepare_worker
+
+
+class Scheduler(ABC):
+    capacity: int
+
+    @abstractmethod
+    def submit(self, task: RelaxTask) -> None: ...
+
+    @abstractmethod
+    def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
+        """Block until at least one task finishes; return the finished ones.
+
+        A task whose worker died comes back with status WORKER_DIED; the engine decides whether to
+        re-issue it.
+        """
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - nothing to release for the serial backend
+        """Release workers."""
+
+
+class SerialScheduler(Scheduler):
+    """Relax in this process, one at a time (workers: 1). No pickling, no start-up cost."""
+
+    def __init__(self, settings: EvaluatorSettings) -> None:
+        self.settings = settings
+        self.capacity = 1
+        self._queue: list[RelaxTask] = []
+        prepare_worker(settings)
+
+    def submit(self, task: RelaxTask) -> None:
+        self._queue.append(task)
+
+    def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
+        task = self._queue.pop(0)
+        return [(task, evaluate(task, self.settings))]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+
+class ProcessPoolScheduler(Scheduler):
+    """A pool of local worker processes, each loading the potential once and using its share of cores."""
+
+    def __init__(self, settings: EvaluatorSettings, workers: int) -> None:
+        self.settings = settings
+        self.capacity = workers
+        self.threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
+        self._futures: dict[cf.Future, RelaxTask] = {}
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        # spawn, not fork: forking a process that has torch (and its thread pools) loaded is unsafe.
+        return cf.ProcessPoolExecutor(
+            max_workers=self.capacity,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=prepare_worker,
+            initargs=(self.settings, self.threads_per_worker),
+        )
+
+    def submit(self, task: RelaxTask) -> None:
+        future = self._pool.submit(evaluate, task, self.settings)
+        self._futures[future] = task
+
+    def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
+        done, _ = cf.wait(list(self._futures), return_when=cf.FIRST_COMPLETED)
+        finished: list[tuple[RelaxTask, Evaluation]] = []
+        pool_broken = False
+        for future in done:
+            task = self._futures.pop(future)
+            try:
+                finished.append((task, future.result()))
+            except BrokenProcessPool as exc:
+                pool_broken = True
+                finished.append((task, _worker_died(task, exc)))
+        if pool_broken:
+            # Every task still queued in a broken pool is lost with it; hand them back as died too.
+            for future, task in list(self._futures.items()):
+                finished.append((task, _worker_died(task, None)))
+                del self._futures[future]
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+        return finished
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._futures)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_died(task: RelaxTask, exc: BaseException | None) -> Evaluation:
+    reason = "worker process died (killed or out of memory)" if exc else "worker pool was restarted"
+    return Evaluation(candidate_id=task.candidate_id, status=Status.WORKER_DIED, reason=reason)
+
+
+def make_scheduler(settings: EvaluatorSettings, workers: int) -> Scheduler:
+    return SerialScheduler(settings) if workers == 1 else ProcessPoolScheduler(settings, workers)

@@ -1,0 +1,35 @@
+"""The contract between the engine and a search algorithm."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from globopt.candidate import Evaluation, Proposal
+
+
+class SearchAlgorithm(ABC):
+    """Proposes structures one at a time and is told the outcome of each.
+
+    Asynchronous by construction: the engine asks for a proposal whenever a worker is free and reports
+    results in whatever order they finish. The algorithm's whole state must round-trip through
+    ``state_dict``/``load_state_dict`` as plain JSON, because the engine stores it in the same
+    transaction as the archive rows; a resumed search continues the same search.
+    """
+
+    @abstractmethod
+    def propose(self) -> Proposal:
+        """Next structure to evaluate. Raise SearchExhausted if no more can be produced."""
+
+    def tell(self, candidate_id: int, evaluation: Evaluation) -> None:  # noqa: B027 - optional hook
+        """Learn from a finished evaluation (random search ignores it)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SearchExhausted(RuntimeError):
+    """The algorithm cannot produce further candidates (e.g. no compatible space group)."""

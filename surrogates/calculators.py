@@ -1,0 +1,107 @@
+"""One interface over every energy model the engine can relax with.
+
+The engine only ever asks for "an ASE calculator for this potential config"; whether that is M3GNet
+through matgl, CHGNet, or ASE's EMT for fast tests is decided here. Calculators are built once per
+process (model loads cost seconds) and wrapped so every call is counted and timed: the fraction of
+wall time spent inside the potential is how we know the rest of the engine is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from ase.calculators.calculator import Calculator, all_changes
+
+# ASE's EMT has parameters for exactly these elements.
+EMT_ELEMENTS = frozenset({"Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O"})
+
+_CACHE: dict[tuple, Calculator] = {}
+
+
+class PotentialUnavailableError(RuntimeError):
+    """The requested potential cannot be built here (missing package, unknown class)."""
+
+
+def covered_elements(kind: str, model: str) -> frozenset[str] | None:
+    """Elements the potential has parameters for, or None when unknown without loading it."""
+    if kind == "emt":
+        return EMT_ELEMENTS
+    if kind == "matgl":
+        from surrogates.m3gnet import model_elements
+
+        return model_elements(model)
+    return None
+
+
+def build_calculator(
+    kind: str,
+    model: str,
+    calculator: str | None = None,
+    calculator_kwargs: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> Calculator:
+    """Return the (cached, per-process) ASE calculator for a potential configuration."""
+    key = (kind, model, calculator, repr(sorted((calculator_kwargs or {}).items())), device)
+    if key not in _CACHE:
+        _CACHE[key] = _build(kind, model, calculator, calculator_kwargs or {}, device)
+    return _CACHE[key]
+
+
+def _build(kind: str, model: str, calculator: str | None, kwargs: dict[str, Any], device: str) -> Calculator:
+    if kind == "matgl":
+        from surrogates.m3gnet import make_calculator
+
+        return make_calculator(model, device=device)
+    if kind == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if kind == "chgnet":
+        try:
+            from chgnet.model.dynamics import CHGNetCalculator
+        except ImportError as exc:
+            raise PotentialUnavailableError(
+                "potential.kind=chgnet needs the chgnet package: pip install 'globopt[chgnet]'"
+            ) from exc
+        return CHGNetCalculator(use_device=device, **kwargs)
+    if kind == "ase":
+        return _import_calculator(str(calculator))(**kwargs)
+    raise PotentialUnavailableError(f"unknown potential kind {kind!r}; expected matgl, emt, chgnet or ase")
+
+
+def _import_calculator(path: str) -> type[Calculator]:
+    module_name, _, class_name = path.partition(":")
+    if not class_name:
+        raise PotentialUnavailableError(
+            f"potential.calculator {path!r} must look like 'package.module:ClassName'"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise PotentialUnavailableError(f"cannot import ASE calculator {path!r}: {exc}") from exc
+    return cls
+
+
+class TimedCalculator(Calculator):
+    """Delegates to another calculator, counting calls and the seconds spent in them.
+
+    A relaxation's force-call count is the honest cost measure (surrogates are judged by it), and the
+    time inside versus outside the potential shows where the engine's overhead is.
+    """
+
+    def __init__(self, inner: Calculator) -> None:
+        super().__init__()
+        self.inner = inner
+        self.implemented_properties = list(inner.implemented_properties)
+        self.calls = 0
+        self.seconds = 0.0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        start = time.perf_counter()
+        self.inner.calculate(self.atoms.copy(), properties, system_changes)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.results = dict(self.inner.results)

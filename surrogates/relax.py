@@ -1,0 +1,167 @@
+"""Local relaxation of one structure with any ASE calculator, with the failure modes made explicit.
+
+A global search throws thousands of random or mutated cells at the potential; some of them explode
+(volume runs away), collapse (atoms fall into each other, a known failure of universal potentials far
+from their training data), or produce NaN. Those must come back as a labelled outcome the archive can
+record, never as an exception that ends the run, and they should be cut short as soon as they are
+recognisable so they do not burn the step budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+from ase.filters import FrechetCellFilter
+from ase.optimize import BFGS, FIRE, LBFGS
+
+from surrogates.calculators import TimedCalculator
+
+OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
+
+# Energies per atom below this are not chemistry but a potential evaluated outside its domain
+# (universal potentials are typically -1..-12 eV/atom).
+ENERGY_FLOOR_EV_PER_ATOM = -30.0
+# How often (in optimizer steps) the O(N^2) geometry guards run; NaN checks run every step.
+GEOMETRY_CHECK_INTERVAL = 10
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    fmax: float = 0.05
+    max_steps: int = 300
+    pressure_gpa: float = 0.0
+    optimizer: str = "FIRE"
+    relax_cell: bool = True
+    # geometry guards (absolute, computed by the caller from the composition)
+    min_distance: np.ndarray | None = None  # pairwise minimum-distance matrix indexed like atomic numbers
+    volume_per_atom_range: tuple[float, float] = (0.0, math.inf)
+
+
+@dataclass
+class RelaxOutcome:
+    """What happened; ``failure`` is None for a relaxation that produced a usable structure."""
+
+    atoms: Atoms
+    energy: float  # eV, total (NaN when unavailable)
+    n_steps: int
+    converged: bool
+    max_force: float
+    n_force_calls: int
+    potential_seconds: float
+    seconds: float
+    failure: str | None = None  # nan | exploded | collapsed | error
+    reason: str = ""
+    energies: list[float] = field(default_factory=list)
+    pv: float = 0.0  # pressure x volume of the final cell, eV
+
+    @property
+    def enthalpy(self) -> float:
+        return self.energy + self.pv
+
+
+def relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) -> RelaxOutcome:
+    """Relax positions (and the cell, under the configured pressure) until fmax or max_steps."""
+    start = time.perf_counter()
+    atoms = atoms.copy()
+    timed = TimedCalculator(calculator)
+    atoms.calc = timed
+    pressure = settings.pressure_gpa * units.GPa
+    target = FrechetCellFilter(atoms, scalar_pressure=pressure) if settings.relax_cell else atoms
+    optimizer = OPTIMIZERS[settings.optimizer](target, logfile=None)
+    n_atoms = len(atoms)
+    energies: list[float] = []
+    failure: str | None = None
+    reason = ""
+    converged = False
+    steps = 0
+    try:
+        for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
+            steps = optimizer.nsteps
+            energy = float(atoms.get_potential_energy())
+            energies.append(energy)
+            failure, reason = _guard(
+                atoms, energy, n_atoms, settings, check_geometry=steps % GEOMETRY_CHECK_INTERVAL == 0
+            )
+            if failure or converged:
+                break
+        if not failure:
+            failure, reason = _guard(atoms, float(atoms.get_potential_energy()), n_atoms, settings, True)
+    except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
+        failure, reason = "error", f"{type(exc).__name__}: {exc}"
+
+    energy = float("nan")
+    max_force = float("nan")
+    if failure not in ("error",):
+        try:
+            energy = float(atoms.get_potential_energy())
+            max_force = float(np.abs(atoms.get_forces()).max()) if n_atoms else 0.0
+        except Exception as exc:
+            failure, reason = "error", f"{type(exc).__name__}: {exc}"
+    final = atoms.copy()
+    final.calc = None
+    return RelaxOutcome(
+        atoms=final,
+        energy=energy,
+        n_steps=steps,
+        converged=bool(converged) and failure is None,
+        max_force=max_force,
+        n_force_calls=timed.calls,
+        potential_seconds=timed.seconds,
+        seconds=time.perf_counter() - start,
+        failure=failure,
+        reason=reason,
+        energies=energies,
+        pv=pressure * final.get_volume(),
+    )
+
+
+def _guard(
+    atoms: Atoms, energy: float, n_atoms: int, settings: RelaxSettings, check_geometry: bool
+) -> tuple[str | None, str]:
+    if not math.isfinite(energy):
+        return "nan", "potential returned a non-finite energy"
+    forces = atoms.get_forces()
+    if not np.all(np.isfinite(forces)):
+        return "nan", "potential returned non-finite forces"
+    if energy / n_atoms < ENERGY_FLOOR_EV_PER_ATOM:
+        return (
+            "exploded",
+            f"energy {energy / n_atoms:.2f} eV/atom below {ENERGY_FLOOR_EV_PER_ATOM} (unphysical)",
+        )
+    volume_per_atom = atoms.get_volume() / n_atoms
+    low, high = settings.volume_per_atom_range
+    if not low <= volume_per_atom <= high:
+        return "exploded", f"volume {volume_per_atom:.1f} Å^3/atom outside [{low:.1f}, {high:.1f}]"
+    if check_geometry and settings.min_distance is not None:
+        problem = closest_pair_violation(atoms, settings.min_distance)
+        if problem:
+            return "collapsed", problem
+    return None, ""
+
+
+def closest_pair_violation(atoms: Atoms, min_distance: np.ndarray) -> str:
+    """Describe the worst pair closer than allowed, or return '' when all pairs are fine."""
+    from ase.neighborlist import neighbor_list
+
+    cutoff = float(min_distance.max())
+    if cutoff <= 0:
+        return ""
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
+    if len(d) == 0:
+        return ""
+    numbers = atoms.numbers
+    allowed = min_distance[numbers[i], numbers[j]]
+    bad = d < allowed
+    if not bad.any():
+        return ""
+    worst = int(np.argmin(np.where(bad, d / allowed, np.inf)))
+    symbols = atoms.get_chemical_symbols()
+    return (
+        f"atoms {i[worst]} ({symbols[i[worst]]}) and {j[worst]} ({symbols[j[worst]]}) are "
+        f"{d[worst]:.2f} Å apart, below the minimum {allowed[worst]:.2f} Å"
+    )
