@@ -135,8 +135,10 @@ def _guard(
         )
     volume_per_atom = atoms.get_volume() / n_atoms
     low, high = settings.volume_per_atom_range
-    if not low <= volume_per_atom <= high:
-        return "exploded", f"volume {volume_per_atom:.1f} Å^3/atom outside [{low:.1f}, {high:.1f}]"
+    if volume_per_atom > high:
+        return "exploded", f"volume {volume_per_atom:.1f} Å^3/atom above the limit {high:.1f}"
+    if volume_per_atom < low:
+        return "collapsed", f"volume {volume_per_atom:.1f} Å^3/atom below the limit {low:.1f}"
     if check_geometry and settings.min_distance is not None:
         problem = closest_pair_violation(atoms, settings.min_distance)
         if problem:

@@ -1,0 +1,70 @@
+"""Helpers shared by the end-to-end tests: writing configs, reading run directories, running the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def write_config(folder: Path, **fields) -> Path:
+    path = folder / f"{fields['name']}.yaml"
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def emt_config(folder: Path, name: str = "cuau", evaluations: int = 6, **extra) -> Path:
+    """Cu2Au2 with ASE's EMT: a real potential, ~1 s per relaxation."""
+    return write_config(
+        folder, name=name, composition="Cu2Au2", seed=11, budget={"evaluations": evaluations},
+        potential={"kind": "emt"}, **extra,
+    )  # fmt: skip
+
+
+def read_results(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def committed(run_dir: Path) -> dict[int, tuple]:
+    """id -> (status, energy, finished_at) of every finished candidate that used the potential."""
+    path = run_dir / "archive.sqlite"
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute(
+            "SELECT id, status, energy, finished_at FROM candidates"
+            " WHERE status NOT IN ('pending', 'rejected', 'duplicate')"
+        ).fetchall()
+    except sqlite3.OperationalError:  # schema not created yet
+        return {}
+    finally:
+        db.close()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def globopt_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "globopt", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

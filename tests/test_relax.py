@@ -1,0 +1,122 @@
+"""Relaxation and its failure modes, with ASE's EMT as a cheap real potential."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from globopt.candidate import RelaxTask, Status
+from globopt.evaluation import EvaluatorSettings, evaluate
+from globopt.geometry import geometry_limits, geometry_problem
+from surrogates.relax import RelaxSettings, relax
+
+LIMITS = geometry_limits(["Cu"], [4], 0.6, (0.4, 8.0))
+
+
+def cu_cell(a: float = 3.75, rattle: float = 0.05):
+    atoms = bulk("Cu", "fcc", a=a, cubic=True)
+    atoms.rattle(rattle, seed=3)
+    return atoms
+
+
+def settings(**changes) -> RelaxSettings:
+    base = {
+        "fmax": 0.01,
+        "max_steps": 400,
+        "min_distance": LIMITS.min_distance,
+        "volume_per_atom_range": LIMITS.volume_per_atom_range,
+    }
+    return RelaxSettings(**{**base, **changes})
+
+
+class NaNAfter(EMT):
+    """Fault injection: real EMT until call N, then NaN, as a diverging potential produces."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.count = 0
+
+    def calculate(self, *args, **kwargs) -> None:
+        super().calculate(*args, **kwargs)
+        self.count += 1
+        if self.count > self.n:
+            self.results["energy"] = math.nan
+
+
+class Raises(EMT):
+    def calculate(self, *args, **kwargs) -> None:
+        raise RuntimeError("segfault-like failure in the model")
+
+
+def test_emt_copper_relaxes_to_its_lattice_constant() -> None:
+    outcome = relax(cu_cell(), EMT(), settings())
+    assert outcome.failure is None and outcome.converged
+    a = outcome.atoms.cell.lengths().mean()
+    assert a == pytest.approx(3.590, abs=0.01)  # EMT's fcc Cu lattice constant
+    assert outcome.n_force_calls >= outcome.n_steps > 0
+    assert 0 < outcome.potential_seconds <= outcome.seconds
+    assert np.abs(outcome.atoms.cell.angles() - 90).max() < 0.5
+
+
+def test_pressure_enters_enthalpy_and_compresses() -> None:
+    free = relax(cu_cell(), EMT(), settings())
+    squeezed = relax(cu_cell(), EMT(), settings(pressure_gpa=20.0))
+    assert squeezed.atoms.get_volume() < free.atoms.get_volume()
+    expected_pv = 20.0 * 0.006241509 * squeezed.atoms.get_volume()  # 1 GPa = 0.006241509 eV/Å^3
+    assert squeezed.pv == pytest.approx(expected_pv, rel=1e-4)
+    assert squeezed.enthalpy == pytest.approx(squeezed.energy + expected_pv)
+
+
+def test_nan_energy_is_reported_not_raised() -> None:
+    outcome = relax(cu_cell(), NaNAfter(5), settings())
+    assert outcome.failure == "nan"
+    assert "non-finite" in outcome.reason
+
+
+def test_calculator_exception_is_reported() -> None:
+    outcome = relax(cu_cell(), Raises(), settings())
+    assert outcome.failure == "error"
+    assert "segfault-like" in outcome.reason
+
+
+def test_runaway_expansion_is_stopped_as_exploded() -> None:
+    # 40 GPa of tension tears the crystal apart: the volume guard must stop it well before max_steps.
+    outcome = relax(cu_cell(), EMT(), settings(pressure_gpa=-40.0, max_steps=2000))
+    assert outcome.failure == "exploded", outcome.reason
+    assert outcome.n_steps < 2000
+
+
+def test_squashed_cell_is_reported_as_collapsed() -> None:
+    outcome = relax(cu_cell(a=2.2), EMT(), settings(max_steps=1))
+    assert outcome.failure == "collapsed"
+    assert "below" in outcome.reason
+
+
+def test_geometry_check_names_the_offending_pair() -> None:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = cu_cell(rattle=0)
+    atoms.positions[1] = atoms.positions[0] + [0.5, 0.0, 0.0]
+    problem = geometry_problem(AseAtomsAdaptor.get_structure(atoms), LIMITS)
+    assert "atoms 0 (Cu) and 1 (Cu) are 0.50 Å apart" in problem
+    assert geometry_problem(AseAtomsAdaptor.get_structure(cu_cell()), LIMITS) == ""
+
+
+def test_evaluate_maps_outcomes_to_statuses() -> None:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    structure = AseAtomsAdaptor.get_structure(cu_cell())
+    emt = {"kind": "emt", "model": "", "calculator": None, "calculator_kwargs": {}, "device": "cpu"}
+    good = evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings(), LIMITS))
+    assert good.status is Status.RELAXED
+    assert good.spacegroup == "Fm-3m" and good.spacegroup_number == 225
+    assert good.enthalpy_per_atom == pytest.approx(good.energy / 4)
+    short = evaluate(RelaxTask(2, structure), EvaluatorSettings(emt, settings(max_steps=2), LIMITS))
+    assert short.status is Status.UNCONVERGED and "after 2 steps" in short.reason
+    blown = evaluate(RelaxTask(3, structure), EvaluatorSettings(emt, settings(pressure_gpa=-40.0), LIMITS))
+    assert blown.status is Status.EXPLODED and blown.relaxed is None
