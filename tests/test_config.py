@@ -86,7 +86,7 @@ def test_unknown_key_message_lists_allowed_keys(tmp_path: Path, capsys) -> None:
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config({"name": "t", "composition": "Cu2", "potential": {"kind": "emt"}, "foo": 1, "workers": -2})
+        parse_config({**BASE, "foo": 1, "workers": -2})
     assert "2 problem(s)" in str(info.value)
 
 
