@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
-from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS, FIRE, LBFGS
 
 from surrogates.calculators import TimedCalculator
+from surrogates.cell_filter import FastFrechetCellFilter
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
 
@@ -71,7 +71,7 @@ def relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) -> Rela
     timed = TimedCalculator(calculator)
     atoms.calc = timed
     pressure = settings.pressure_gpa * units.GPa
-    target = FrechetCellFilter(atoms, scalar_pressure=pressure) if settings.relax_cell else atoms
+    target = FastFrechetCellFilter(atoms, scalar_pressure=pressure) if settings.relax_cell else atoms
     optimizer = OPTIMIZERS[settings.optimizer](target, logfile=None)
     n_atoms = len(atoms)
     energies: list[float] = []

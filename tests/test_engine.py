@@ -123,3 +123,27 @@ def test_two_worker_processes(tmp_path: Path) -> None:
     rows = [r for r in read_results(out) if r["status"] not in ("rejected", "duplicate")]
     assert len(rows) == 4
     assert len({r["worker"] for r in rows}) == 2, "both worker processes should have relaxed candidates"
+
+
+def test_killed_worker_process_does_not_stop_the_run(tmp_path: Path) -> None:
+    import psutil
+    from helpers import globopt_process, wait_for
+
+    out = tmp_path / "run"
+    config = emt_config(tmp_path, evaluations=8, workers=2)
+    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
+    try:
+        wait_for(lambda: len(committed(out)) >= 1, timeout=120, what="a first committed evaluation")
+        workers = [
+            child
+            for child in psutil.Process(process.pid).children(recursive=True)
+            if "spawn_main" in " ".join(child.cmdline())
+        ]
+        assert len(workers) == 2
+        workers[0].kill()
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "worker process died" in output and "re-issuing" in output
+    assert len(committed(out)) == 8

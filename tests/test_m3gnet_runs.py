@@ -1,0 +1,59 @@
+"""End-to-end runs with the real M3GNet: the bundled example, and SIGKILL + resume."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import committed, globopt_process, read_results, wait_for, write_config
+
+from globopt.cli import main
+
+pytestmark = pytest.mark.m3gnet
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bundled_example_finds_rock_salt(tmp_path: Path, models_dir: Path) -> None:
+    """The README's run command: runs/nacl.yaml must find Fm-3m NaCl within its budget."""
+    config = tmp_path / "nacl.yaml"
+    shutil.copy(REPO / "runs" / "nacl.yaml", config)
+    out = tmp_path / "nacl"
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    best = sorted((out / "best").glob("*.cif"))
+    assert best[0].name.startswith("001_NaCl_Fm-3m_id")
+    rows = {int(r["id"]): r for r in read_results(out)}
+    top = rows[int(best[0].stem.split("_id")[-1])]
+    # rock salt with M3GNet-MP-2021.2.8: a = 5.692 Å, -3.3675 eV/atom (shared/models/README.md)
+    assert float(top["energy_per_atom"]) == pytest.approx(-3.3675, abs=3e-3)
+    assert float(top["volume_per_atom"]) == pytest.approx(5.692**3 / 8, rel=0.01)
+
+
+def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path: Path, models_dir: Path) -> None:
+    budget = 10
+    config = write_config(
+        tmp_path, name="nacl", composition="Na4Cl4", seed=5, budget={"evaluations": budget},
+        potential={"model": "M3GNet-MP-2021.2.8-PES"},
+    )  # fmt: skip
+    out = tmp_path / "run"
+    first = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
+    try:
+        wait_for(lambda: len(committed(out)) >= 3, timeout=400, what="three committed evaluations")
+    finally:
+        first.kill()  # SIGKILL: no handler runs, nothing is flushed
+        first.communicate()
+    before = committed(out)
+    assert 3 <= len(before) < budget
+
+    second = globopt_process("resume", str(out), cwd=tmp_path)
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output
+    after = committed(out)
+    assert len(after) == budget  # the budget counts across the restart
+    assert {k: after[k] for k in before} == before  # committed results untouched, not recomputed
+    evaluated_ids = [int(i) for i in re.findall(r"\] id=(\d+) ", (out / "globopt.log").read_text())]
+    assert sorted(evaluated_ids) == sorted(after)  # every evaluation logged exactly once across both runs
+    rows = read_results(out)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert {int(r["id"]) for r in rows if r["status"] not in ("rejected", "duplicate")} == set(after)
