@@ -67,6 +67,7 @@ class ProcessPoolScheduler(Scheduler):
         self.capacity = workers
         self.threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
         self._futures: dict[cf.Future, RelaxTask] = {}
+        self._lost: list[tuple[RelaxTask, Evaluation]] = []
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
@@ -79,39 +80,51 @@ class ProcessPoolScheduler(Scheduler):
         )
 
     def submit(self, task: RelaxTask) -> None:
-        future = self._pool.submit(evaluate, task, self.settings)
+        try:
+            future = self._pool.submit(evaluate, task, self.settings)
+        except BrokenProcessPool:  # a worker died since the last collect()
+            self._restart_pool()
+            future = self._pool.submit(evaluate, task, self.settings)
         self._futures[future] = task
 
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
+        finished, self._lost = self._lost, []
+        if finished and not self._futures:
+            return finished
         done, _ = cf.wait(list(self._futures), return_when=cf.FIRST_COMPLETED)
-        finished: list[tuple[RelaxTask, Evaluation]] = []
         pool_broken = False
         for future in done:
             task = self._futures.pop(future)
             try:
                 finished.append((task, future.result()))
-            except BrokenProcessPool as exc:
+            except BrokenProcessPool:
                 pool_broken = True
-                finished.append((task, _worker_died(task, exc)))
+                finished.append((task, _worker_died(task)))
         if pool_broken:
-            # Every task still queued in a broken pool is lost with it; hand them back as died too.
-            for future, task in list(self._futures.items()):
-                finished.append((task, _worker_died(task, None)))
-                del self._futures[future]
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
+            self._restart_pool()
+            finished += self._lost
+            self._lost = []
         return finished
+
+    def _restart_pool(self) -> None:
+        """A dead worker breaks the whole pool: every task in it is lost and handed back as died."""
+        for future, task in list(self._futures.items()):
+            self._lost.append((task, _worker_died(task)))
+            del self._futures[future]
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._new_pool()
 
     @property
     def in_flight(self) -> int:
-        return len(self._futures)
+        return len(self._futures) + len(self._lost)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_died(task: RelaxTask, exc: BaseException | None) -> Evaluation:
-    reason = "worker process died (killed or out of memory)" if exc else "worker pool was restarted"
+def _worker_died(task: RelaxTask) -> Evaluation:
+    # The pool cannot tell which of its processes died, so every task it held is reported the same way.
+    reason = "worker process died (killed or out of memory) or its pool was restarted"
     return Evaluation(candidate_id=task.candidate_id, status=Status.WORKER_DIED, reason=reason)
 
 

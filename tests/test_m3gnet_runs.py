@@ -27,7 +27,9 @@ def test_bundled_example_finds_rock_salt(tmp_path: Path, models_dir: Path) -> No
     top = rows[int(best[0].stem.split("_id")[-1])]
     # rock salt with M3GNet-MP-2021.2.8: a = 5.692 Å, -3.3675 eV/atom (shared/models/README.md)
     assert float(top["energy_per_atom"]) == pytest.approx(-3.3675, abs=3e-3)
-    assert float(top["volume_per_atom"]) == pytest.approx(5.692**3 / 8, rel=0.01)
+    # fmax 0.05 eV/Å leaves up to ~0.35 GPa of residual stress on 8 atoms; NaCl's bulk modulus (~25 GPa)
+    # turns that into ~1.5% of volume
+    assert float(top["volume_per_atom"]) == pytest.approx(5.692**3 / 8, rel=0.025)
 
 
 def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path: Path, models_dir: Path) -> None:
