@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +107,15 @@ class Archive:
         self,
         proposal: Proposal,
         status: Status,
-        state: dict[str, Any] | None,
+        state: dict[str, Any] | Callable[[int], dict[str, Any]] | None,
         reason: str = "",
         duplicate_of: int | None = None,
     ) -> int:
-        """Insert a new candidate (pending, or rejected before relaxation) together with the search state."""
+        """Insert a new candidate (pending, or rejected before relaxation) together with the search state.
+
+        ``state`` may be a function of the new id: the search learns the id and its state is written in the
+        same transaction, so the archive never holds a candidate the stored search state does not know.
+        """
         s = proposal.structure
         now = time.time()
         with self._transaction():
@@ -132,8 +136,9 @@ class Archive:
                     None if status is Status.PENDING else now,
                 ),
             )
-            self._write_state(state)
-        return int(cursor.lastrowid)
+            candidate_id = int(cursor.lastrowid)
+            self._write_state(state(candidate_id) if callable(state) else state)
+        return candidate_id
 
     def record_attempt(self, candidate_id: int, attempt: int) -> None:
         with self._transaction():

@@ -67,4 +67,5 @@ class Evaluation:
     seconds: float = 0.0
     potential_seconds: float = 0.0
     worker: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # objective values etc., stored as JSON in the archive
+    duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum

@@ -71,3 +71,22 @@ def _check_symbols_in_formula(text: str) -> None:
 def formula_string(counts: Mapping[str, int]) -> str:
     """Compact formula in the user's element order, e.g. Na4Cl4 (not reduced: the cell content matters)."""
     return "".join(f"{el}{n if n != 1 else ''}" for el, n in counts.items())
+
+
+def cell_contents(
+    composition: Mapping[str, int], formula_units: tuple[int, int] | None
+) -> list[dict[str, int]]:
+    """Cell contents a search may build: the composition itself, or n x formula unit for n in the range."""
+    if formula_units is None:
+        return [dict(composition)]
+    low, high = formula_units
+    return [{el: n * count for el, count in composition.items()} for n in range(low, high + 1)]
+
+
+def is_reduced(composition: Mapping[str, int]) -> bool:
+    from math import gcd
+
+    divisor = 0
+    for count in composition.values():
+        divisor = gcd(divisor, count)
+    return divisor == 1

@@ -22,9 +22,11 @@ from pydantic import (
     model_validator,
 )
 
-from globopt.composition import formula_string, parse_composition
+from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
 
 DEFAULT_MODEL = "M3GNet-MP-2021.2.8-PES"
+# Variation operators of the GA (implemented in globopt/search/operators.py).
+GA_OPERATORS = ("heredity", "lattice_strain", "permutation", "coordinate", "soft", "immigrant")
 
 
 class ConfigError(ValueError):
@@ -105,6 +107,72 @@ class RandomSearchConfig(_Section):
         return value
 
 
+class GAConfig(_Section):
+    """Steady-state evolutionary algorithm (DEAP machinery, crystal operators in search/operators.py)."""
+
+    population_size: PositiveInt = Field(20, description="structures kept in the breeding population")
+    initial_random: PositiveInt | None = Field(
+        None, description="random symmetric structures before breeding starts (default: population_size)"
+    )
+    tournament_size: int = Field(3, ge=2)
+    operators: dict[str, float] = Field(
+        default_factory=lambda: {
+            "heredity": 0.45,
+            "lattice_strain": 0.15,
+            "permutation": 0.1,
+            "coordinate": 0.1,
+            "soft": 0.1,
+            "immigrant": 0.1,
+        },
+        description="relative probability of each variation operator",
+    )
+    strain_sigma: PositiveFloat = 0.1
+    coordinate_sigma: PositiveFloat = Field(0.4, description="Å")
+    soft_amplitude: PositiveFloat = Field(1.0, description="Å")
+    niche_energy_tol: PositiveFloat = Field(
+        0.002, description="eV/atom: population members this close in energy and geometry share a niche"
+    )
+
+    @field_validator("operators")
+    @classmethod
+    def _known_operators(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(GA_OPERATORS))
+        if unknown:
+            raise ValueError(f"unknown operator(s) {', '.join(unknown)}; allowed: {', '.join(GA_OPERATORS)}")
+        if any(p < 0 for p in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("operator probabilities must be >= 0 with a positive sum")
+        return value
+
+
+class PSOConfig(_Section):
+    """CALYPSO-style particle swarm over symmetric structures (search/pso.py)."""
+
+    swarm_size: PositiveInt = 20
+    inertia: float = Field(0.6, ge=0, le=1.5)
+    cognitive: float = Field(1.5, ge=0, description="pull toward the particle's own best")
+    social: float = Field(1.5, ge=0, description="pull toward the swarm's best")
+    regenerate_fraction: float = Field(
+        0.2, ge=0, le=1, description="worst particles re-drawn each generation"
+    )
+
+
+class ObjectiveConfig(_Section):
+    """An extra objective beside enthalpy; with any, selection becomes NSGA-II and results a Pareto front."""
+
+    name: str = Field(description="label used in results.csv")
+    property: Literal["density", "volume_per_atom"] = Field(
+        description="density (g/cm^3) or volume_per_atom (Å^3) of the relaxed structure"
+    )
+    target: float | None = Field(None, description="minimise |value - target|")
+    goal: Literal["min", "max", "target"] = "target"
+
+    @model_validator(mode="after")
+    def _target_given(self) -> ObjectiveConfig:
+        if self.goal == "target" and self.target is None:
+            raise ValueError(f"objective {self.name!r}: goal 'target' needs a target value")
+        return self
+
+
 class DuplicatesConfig(_Section):
     ltol: PositiveFloat = 0.2
     stol: PositiveFloat = 0.3
@@ -126,8 +194,11 @@ class RunConfig(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; output goes to runs/<name>"
     )
-    mode: Literal["random"] = Field("random", description="search algorithm")
+    mode: Literal["random", "ga", "pso"] = Field("random", description="search algorithm")
     composition: dict[str, int] = Field(description="formula string (Na4Cl4) or mapping {Na: 4, Cl: 4}")
+    formula_units: tuple[int, int] | None = Field(
+        None, description="search cells of n x composition for n in [low, high]; composition is then reduced"
+    )
     seed: int = 0
     workers: PositiveInt = Field(1, description="local worker processes relaxing in parallel")
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -135,6 +206,9 @@ class RunConfig(_Section):
     relax: RelaxConfig = Field(default_factory=RelaxConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     random: RandomSearchConfig = Field(default_factory=RandomSearchConfig)
+    ga: GAConfig = Field(default_factory=GAConfig)
+    pso: PSOConfig = Field(default_factory=PSOConfig)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
     duplicates: DuplicatesConfig = Field(default_factory=DuplicatesConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -143,6 +217,39 @@ class RunConfig(_Section):
     @classmethod
     def _parse_composition(cls, value: Any) -> dict[str, int]:
         return parse_composition(value)
+
+    @field_validator("formula_units", mode="before")
+    @classmethod
+    def _parse_formula_units(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)
+        if isinstance(value, str) and "-" in value:
+            low, _, high = value.partition("-")
+            return (low.strip(), high.strip())
+        return value
+
+    @field_validator("formula_units")
+    @classmethod
+    def _ordered_units(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError("expected n or [low, high] with 1 <= low <= high")
+        return value
+
+    @model_validator(mode="after")
+    def _formula_units_fit(self) -> RunConfig:
+        if self.formula_units is None:
+            return self
+        if not is_reduced(self.composition):
+            raise ValueError(
+                f"formula_units: with a formula-unit range, composition must be the reduced formula "
+                f"(e.g. NaCl), got {self.formula}"
+            )
+        biggest = self.formula_units[1] * sum(self.composition.values())
+        if biggest > MAX_ATOMS:
+            raise ValueError(
+                f"formula_units: {biggest} atoms in the largest cell; at most {MAX_ATOMS} allowed"
+            )
+        return self
 
     @model_validator(mode="after")
     def _potential_covers_elements(self) -> RunConfig:
@@ -161,7 +268,16 @@ class RunConfig(_Section):
 
     @property
     def formula(self) -> str:
-        return formula_string(self.composition)
+        text = formula_string(self.composition)
+        if self.formula_units:
+            low, high = self.formula_units
+            text += f" x {low}-{high}" if high > low else f" x {low}"
+        return text
+
+    @property
+    def cell_contents(self) -> list[dict[str, int]]:
+        """Every cell content the search may build."""
+        return cell_contents(self.composition, self.formula_units)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

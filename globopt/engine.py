@@ -25,6 +25,7 @@ from globopt.config import RunConfig
 from globopt.duplicates import DuplicateIndex
 from globopt.evaluation import EvaluatorSettings
 from globopt.geometry import geometry_limits, geometry_problem
+from globopt.objectives import objective_values
 from globopt.progress import Progress
 from globopt.rundir import RunDirectory
 from globopt.scheduler import make_scheduler
@@ -67,11 +68,11 @@ class Engine:
         self.archive: Archive = run.open_archive()
         self.limits = geometry_limits(
             config.composition,
-            config.composition.values(),
+            config.composition.values(),  # proportions only: the same limits hold for every cell size
             config.checks.min_distance_factor,
             config.checks.volume_factor_range,
         )
-        self.search: SearchAlgorithm = make_search(config)
+        self.search: SearchAlgorithm = make_search(config, self.limits)
         state = self.archive.load_state()
         if state is not None:
             self.search.load_state_dict(state)
@@ -116,7 +117,8 @@ class Engine:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         budget = self.config.budget.evaluations
-        self.run_dir.rewrite_results(self.archive)  # repair rows a previous kill may have left out
+        # repair rows a previous kill may have left out of results.csv
+        self.run_dir.rewrite_results(self.archive, self.config.objectives)
         reissue: deque[RelaxTask] = deque(self.archive.pending_tasks())
         used = self.archive.count_used_potential()
         if reissue:
@@ -173,7 +175,7 @@ class Engine:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             scheduler.close()
-            self.run_dir.rewrite_results(self.archive)
+            self.run_dir.rewrite_results(self.archive, self.config.objectives)
             self.run_dir.write_best(self.archive, self.config.output.n_best)
             self.progress.close()
         return RunSummary(
@@ -202,23 +204,35 @@ class Engine:
         if match is not None:
             self._record_screened(proposal, Status.DUPLICATE, f"same structure as candidate {match}", match)
             return None
-        candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self.search.state_dict())
+        candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
         self.initial_index.add(candidate_id, proposal.structure, key=key)
         return RelaxTask(candidate_id, proposal.structure)
+
+    def _state_after_proposal(self, candidate_id: int) -> dict:
+        self.search.proposed(candidate_id)
+        return self.search.state_dict()
 
     def _record_screened(
         self, proposal: Proposal, status: Status, reason: str, duplicate_of: int | None = None
     ) -> None:
-        candidate_id = self.archive.add_candidate(
-            proposal, status, self.search.state_dict(), reason, duplicate_of
-        )
+        def state_after(candidate_id: int) -> dict:
+            # The search hears of the rejection like any other outcome, so a PSO particle or GA slot waiting
+            # on this proposal is freed.
+            self.search.proposed(candidate_id)
+            self.search.tell(candidate_id, Evaluation(candidate_id, status, reason))
+            return self.search.state_dict()
+
+        candidate_id = self.archive.add_candidate(proposal, status, state_after, reason, duplicate_of)
         self.run_dir.append_result(self.archive, candidate_id)
 
     def _commit(self, evaluation: Evaluation) -> None:
         duplicate_of = None
         new_best = False
         if evaluation.status is Status.RELAXED:
+            if self.config.objectives:
+                evaluation.extra["objectives"] = objective_values(evaluation.relaxed, self.config.objectives)
             duplicate_of = self.relaxed_index.find(evaluation.relaxed, evaluation.enthalpy_per_atom)
+            evaluation.duplicate_of = duplicate_of
             if duplicate_of is None:
                 self.relaxed_index.add(
                     evaluation.candidate_id, evaluation.relaxed, evaluation.enthalpy_per_atom

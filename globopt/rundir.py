@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pymatgen.io.cif import CifWriter
 
 from globopt.archive import Archive, structure_from_json
 from globopt.config import ConfigError, RunConfig, load_config
+from globopt.objectives import objective_scores, pareto_front
 
 RESULT_COLUMNS = [
     "id",
@@ -43,6 +47,8 @@ RESULT_COLUMNS = [
     "worker",
     "parents",
     "reason",
+    "objectives",
+    "pareto_front",
 ]
 
 # Config keys that may change between a run and its resume without invalidating what was computed.
@@ -141,14 +147,19 @@ class RunDirectory:
                 writer.writerow(RESULT_COLUMNS)
             writer.writerow(_csv_row(row))
 
-    def rewrite_results(self, archive: Archive) -> None:
-        """Regenerate results.csv from the archive (finished candidates only), atomically."""
+    def rewrite_results(self, archive: Archive, objectives: Sequence[Any] = ()) -> None:
+        """Regenerate results.csv from the archive (finished candidates only), atomically.
+
+        With extra objectives, ``pareto_front`` marks the non-dominated unique relaxed structures.
+        """
+        front = _pareto_ids(archive, objectives) if objectives else set()
         tmp = self.results_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(RESULT_COLUMNS)
             for row in archive.rows("WHERE status != 'pending'"):
-                writer.writerow(_csv_row(row))
+                on_front = "" if not objectives or row["status"] != "relaxed" else int(row["id"] in front)
+                writer.writerow(_csv_row(row, on_front))
         os.replace(tmp, self.results_path)
 
     def write_best(self, archive: Archive, n_best: int) -> list[Path]:
@@ -173,9 +184,25 @@ class RunDirectory:
         return written
 
 
-def _csv_row(row) -> list:
+def _pareto_ids(archive: Archive, objectives: Sequence[Any]) -> set[int]:
+    points = {}
+    for row in archive.rows("WHERE status='relaxed' AND duplicate_of IS NULL"):
+        values = json.loads(row["extra"]).get("objectives", {})
+        if all(o.name in values for o in objectives):
+            points[row["id"]] = objective_scores(row["enthalpy_per_atom"], values, objectives)
+    return pareto_front(points)
+
+
+def _csv_row(row, on_front: int | str = "") -> list:
     values = []
     for column in RESULT_COLUMNS:
+        if column == "pareto_front":
+            values.append(on_front)
+            continue
+        if column == "objectives":
+            objective_values = json.loads(row["extra"] or "{}").get("objectives")
+            values.append(json.dumps(objective_values) if objective_values else "")
+            continue
         value = row[column]
         if isinstance(value, float):
             value = f"{value:.6f}" if column.endswith("per_atom") else f"{value:.4g}"

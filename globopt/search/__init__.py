@@ -1,18 +1,38 @@
 """Search algorithms: they propose candidates and learn from results; they never call the potential."""
 
-from globopt.search.base import SearchAlgorithm
-from globopt.search.random_search import RandomSymmetricSearch
+from __future__ import annotations
 
-__all__ = ["RandomSymmetricSearch", "SearchAlgorithm", "make_search"]
+from typing import TYPE_CHECKING
+
+from globopt.search.base import SearchAlgorithm, SearchExhausted
+
+if TYPE_CHECKING:
+    from globopt.config import RunConfig
+    from globopt.geometry import GeometryLimits
+
+__all__ = ["SearchAlgorithm", "SearchExhausted", "make_search"]
 
 
-def make_search(config) -> SearchAlgorithm:
-    """The search algorithm a run config asks for."""
+def make_search(config: RunConfig, limits: GeometryLimits) -> SearchAlgorithm:
+    """The search algorithm a run config asks for (imported lazily: each pulls in its own libraries)."""
+    contents = config.cell_contents
     if config.mode == "random":
+        from globopt.search.random_search import RandomSymmetricSearch
+
         return RandomSymmetricSearch(
-            composition=config.composition,
-            seed=config.seed,
-            spacegroups=config.random.spacegroups,
-            volume_factor=config.random.volume_factor,
+            contents, config.seed, config.random.spacegroups, config.random.volume_factor
         )
+    if config.mode == "ga":
+        from globopt.search.ga import GeneticSearch
+
+        return GeneticSearch(contents, limits, config.seed, config.ga, config.objectives, config.random)
+    if config.mode == "pso":
+        from globopt.search.pso import ParticleSwarmSearch
+
+        p = config.pso
+        return ParticleSwarmSearch(
+            contents, limits, config.seed, swarm_size=p.swarm_size, inertia=p.inertia, cognitive=p.cognitive,
+            social=p.social, regenerate_fraction=p.regenerate_fraction, spacegroups=config.random.spacegroups,
+            volume_factor=config.random.volume_factor,
+        )  # fmt: skip
     raise ValueError(f"unknown search mode {config.mode!r}")

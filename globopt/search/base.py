@@ -21,6 +21,9 @@ class SearchAlgorithm(ABC):
     def propose(self) -> Proposal:
         """Next structure to evaluate. Raise SearchExhausted if no more can be produced."""
 
+    def proposed(self, candidate_id: int) -> None:  # noqa: B027 - optional hook
+        """The engine stored the last proposal under this id (called right after ``propose``)."""
+
     def tell(self, candidate_id: int, evaluation: Evaluation) -> None:  # noqa: B027 - optional hook
         """Learn from a finished evaluation (random search ignores it)."""
 

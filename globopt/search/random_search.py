@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from pymatgen.core import Structure
 from pyxtal import pyxtal
 from pyxtal.symmetry import Group
 
@@ -28,49 +29,64 @@ def compatible_spacegroups(counts: list[int], allowed: list[int] | None = None) 
     return [g for g in groups if Group(g).check_compatible(counts)[0]]
 
 
+def random_symmetric_structure(
+    content: dict[str, int], groups: list[int], rng: np.random.Generator, volume_factor: float
+) -> tuple[Structure, int] | str:
+    """One pyxtal structure in a group drawn from ``groups``; an error text when pyxtal could not fill it."""
+    group = int(rng.choice(groups))
+    crystal = pyxtal()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            crystal.from_random(
+                3, group, list(content), list(content.values()), factor=volume_factor, random_state=rng
+            )
+    except Exception as exc:  # pyxtal signals failure to place atoms with several exception types
+        return f"{type(exc).__name__}: {exc}"
+    if not crystal.valid:
+        return f"pyxtal produced no valid structure in group {group}"
+    return crystal.to_pymatgen(), group
+
+
 class RandomSymmetricSearch(SearchAlgorithm):
     def __init__(
         self,
-        composition: dict[str, int],
+        contents: list[dict[str, int]],
         seed: int,
         spacegroups: list[int] | None = None,
         volume_factor: float = 1.1,
     ) -> None:
-        self.species = list(composition)
-        self.counts = [composition[el] for el in self.species]
+        """``contents``: every cell content allowed (several with a formula-unit range), drawn uniformly."""
         self.volume_factor = volume_factor
         self.rng = np.random.default_rng(seed)
-        self.spacegroups = compatible_spacegroups(self.counts, spacegroups)
-        if not self.spacegroups:
+        self.contents = []
+        for content in contents:
+            groups = compatible_spacegroups(list(content.values()), spacegroups)
+            if groups:
+                self.contents.append((content, groups))
+        if not self.contents:
             where = f"among {spacegroups}" if spacegroups else "at all"
-            raise SearchExhausted(f"no space group {where} can hold the composition {dict(composition)}")
-        self.proposed = 0
+            raise SearchExhausted(f"no space group {where} can hold the cell content(s) {contents}")
+        self.proposed_count = 0
 
     def propose(self) -> Proposal:
         last_error = ""
         for _ in range(MAX_GENERATION_ATTEMPTS):
-            group = int(self.rng.choice(self.spacegroups))
-            crystal = pyxtal()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    crystal.from_random(
-                        3, group, self.species, self.counts, factor=self.volume_factor, random_state=self.rng
-                    )
-            except Exception as exc:  # pyxtal signals failure to place atoms with several exception types
-                last_error = f"{type(exc).__name__}: {exc}"
+            content, groups = self.contents[int(self.rng.integers(len(self.contents)))]
+            made = random_symmetric_structure(content, groups, self.rng, self.volume_factor)
+            if isinstance(made, str):
+                last_error = made
                 continue
-            if not crystal.valid:
-                continue
-            self.proposed += 1
-            return Proposal(crystal.to_pymatgen(), origin=f"random:sg{group}")
+            self.proposed_count += 1
+            structure, group = made
+            return Proposal(structure, origin=f"random:sg{group}")
         raise SearchExhausted(f"pyxtal failed {MAX_GENERATION_ATTEMPTS} times in a row (last: {last_error})")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "random", "rng": self.rng.bit_generator.state, "proposed": self.proposed}
+        return {"kind": "random", "rng": self.rng.bit_generator.state, "proposed": self.proposed_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "random":
             raise ValueError(f"checkpointed search is {state.get('kind')!r}, not random")
         self.rng.bit_generator.state = state["rng"]
-        self.proposed = int(state["proposed"])
+        self.proposed_count = int(state["proposed"])

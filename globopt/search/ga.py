@@ -1,0 +1,276 @@
+"""Steady-state evolutionary crystal search on DEAP.
+
+The population is a list of relaxed, mutually distinct structures. Whenever a worker is free the
+engine asks for one child: a tournament (DEAP) picks parents, one crystal operator (search/operators.py)
+makes the child, and when its relaxation returns it competes for a place in the population. There are
+no generations, so no worker ever waits for a slow relaxation of someone else's candidate.
+
+Niching keeps the population diverse: a child that relaxes into the same minimum as a member (the
+engine's StructureMatcher verdict, or equal energy within ``niche_energy_tol`` and the same space group)
+can only replace that member, never take a second place. With extra objectives, survivor selection and
+parent tournaments use NSGA-II ranks and crowding distances (DEAP), and the run's result is a Pareto front.
+
+DEAP draws its random numbers from Python's ``random`` module; the search keeps its own state for it and
+swaps it in around every DEAP call, so a checkpointed search resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from deap import base, tools
+from pymatgen.core import Structure
+
+from globopt.candidate import Evaluation, Proposal, Status
+from globopt.geometry import GeometryLimits
+from globopt.objectives import objective_scores
+from globopt.search import operators
+from globopt.search.base import SearchAlgorithm
+from globopt.search.random_search import compatible_spacegroups
+
+# Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
+MAX_OPERATOR_TRIES = 12
+HALL_OF_FAME_SIZE = 10
+
+
+@dataclass
+class Member:
+    """One population member, shaped for DEAP: selection reads ``fitness``."""
+
+    candidate_id: int
+    structure: Structure
+    scores: tuple  # (enthalpy per atom, objective scores...), all minimised
+    spacegroup: int | None
+    fitness: base.Fitness | None = None
+
+
+class GeneticSearch(SearchAlgorithm):
+    def __init__(self, contents, limits: GeometryLimits, seed: int, ga, objectives, random_config) -> None:
+        self.contents = [dict(c) for c in contents]
+        self.limits = limits
+        self.ga = ga
+        self.objectives = list(objectives)
+        self.spacegroups = random_config.spacegroups
+        self.volume_factor = random_config.volume_factor
+        self.rng = np.random.default_rng(seed)
+        self._py_random_state = random.Random(seed).getstate()
+        self._fitness_class = type(
+            "CrystalFitness", (base.Fitness,), {"weights": (-1.0,) * (1 + len(self.objectives))}
+        )
+        names = list(ga.operators)
+        weights = np.array([ga.operators[n] for n in names], dtype=float)
+        self._operator_names, self._operator_p = names, weights / weights.sum()
+        self.population: list[Member] = []
+        self.hall_of_fame: list[dict[str, Any]] = []
+        self.initial_target = ga.initial_random or ga.population_size
+        self.initial_proposed = 0
+        self.told = 0
+        self.last_proposal: tuple[str, tuple[int, ...]] | None = None
+        self.outstanding: dict[int, str] = {}  # candidate id -> operator that made it
+        self.operator_stats: dict[str, dict[str, int]] = {}
+        self.logbook: list[dict[str, float]] = []
+        self._statistics = tools.Statistics(key=lambda member: member.scores[0])
+        for name, func in (("min", np.min), ("mean", np.mean), ("max", np.max)):
+            self._statistics.register(name, func)
+
+    # -- proposing -----------------------------------------------------------------------------------
+    def propose(self) -> Proposal:
+        if self.initial_proposed < self.initial_target or len(self.population) < 2:
+            self.initial_proposed += 1
+            return self._immigrant("init")
+        for _ in range(MAX_OPERATOR_TRIES):
+            name = str(self.rng.choice(self._operator_names, p=self._operator_p))
+            made = self._apply(name)
+            if made is not None:
+                structure, parents = made
+                self._remember(name, parents)
+                return Proposal(structure, origin=f"ga:{name}", parents=parents)
+        return self._immigrant("immigrant")
+
+    def _apply(self, name: str) -> tuple[Structure, tuple[int, ...]] | None:
+        ga = self.ga
+        if name == "immigrant":
+            return None if (made := self._random_structure()) is None else (made[0], ())
+        if name == "heredity":
+            first, second = self._select(2)
+            if first.candidate_id == second.candidate_id:
+                return None
+            content = dict(first.structure.composition.get_el_amt_dict())
+            content = {el: round(n) for el, n in content.items()}
+            child = operators.heredity(first.structure, second.structure, content, self.limits, self.rng)
+            return None if child is None else (child, (first.candidate_id, second.candidate_id))
+        (parent,) = self._select(1)
+        if name == "lattice_strain":
+            child = operators.lattice_strain(parent.structure, self.limits, self.rng, sigma=ga.strain_sigma)
+        elif name == "permutation":
+            child = operators.permutation(parent.structure, self.limits, self.rng)
+        elif name == "coordinate":
+            child = operators.coordinate_mutation(
+                parent.structure, self.limits, self.rng, sigma=ga.coordinate_sigma
+            )
+        elif name == "soft":
+            child = operators.soft_mutation(
+                parent.structure, self.limits, self.rng, amplitude=ga.soft_amplitude
+            )
+        else:
+            raise ValueError(f"unknown operator {name!r}")
+        return None if child is None else (child, (parent.candidate_id,))
+
+    def _immigrant(self, label: str) -> Proposal:
+        for _ in range(MAX_OPERATOR_TRIES):
+            made = self._random_structure()
+            if made is not None:
+                self._remember("immigrant" if label == "immigrant" else "init", ())
+                return Proposal(made[0], origin=f"ga:{label}:sg{made[1]}")
+        from globopt.search.base import SearchExhausted
+
+        raise SearchExhausted("pyxtal could not build a random structure for any allowed cell content")
+
+    def _random_structure(self) -> tuple[Structure, int] | None:
+        content = self.contents[int(self.rng.integers(len(self.contents)))]
+        groups = compatible_spacegroups(list(content.values()), self.spacegroups)
+        return operators.random_immigrant(content, self.limits, self.rng, groups, self.volume_factor)
+
+    def _remember(self, operator: str, parents: tuple[int, ...]) -> None:
+        self.last_proposal = (operator, parents)
+        self.operator_stats.setdefault(operator, {"proposed": 0, "entered": 0, "new_best": 0})[
+            "proposed"
+        ] += 1
+
+    def _select(self, k: int) -> list[Member]:
+        """Tournament on fitness (single objective) or on NSGA-II rank and crowding (several)."""
+        with self._deap_random():
+            if len(self.objectives) == 0:
+                return tools.selTournament(self.population, k, tournsize=self.ga.tournament_size)
+            ranked = _nsga2_order(self.population)
+            picks = []
+            for _ in range(k):
+                contenders = random.sample(range(len(ranked)), min(self.ga.tournament_size, len(ranked)))
+                picks.append(ranked[min(contenders)])
+            return picks
+
+    @contextmanager
+    def _deap_random(self):
+        outside = random.getstate()
+        random.setstate(self._py_random_state)
+        try:
+            yield
+        finally:
+            self._py_random_state = random.getstate()
+            random.setstate(outside)
+
+    # -- learning ------------------------------------------------------------------------------------
+    def proposed(self, candidate_id: int) -> None:
+        if self.last_proposal is not None:
+            self.outstanding[candidate_id] = self.last_proposal[0]
+            self.last_proposal = None
+
+    def tell(self, candidate_id: int, evaluation: Evaluation) -> None:
+        operator = self.outstanding.pop(candidate_id, None)
+        if evaluation.status not in (Status.RELAXED,) or evaluation.relaxed is None:
+            return
+        self.told += 1
+        values = evaluation.extra.get("objectives", {})
+        scores = objective_scores(evaluation.enthalpy_per_atom, values, self.objectives)
+        member = Member(candidate_id, evaluation.relaxed, scores, evaluation.spacegroup_number)
+        best_before = min((m.scores[0] for m in self.population), default=np.inf)
+        entered = self._insert(member, evaluation.duplicate_of)
+        if operator and entered:
+            self.operator_stats[operator]["entered"] += 1
+            if scores[0] < best_before - 1e-6:
+                self.operator_stats[operator]["new_best"] += 1
+        self._update_hall_of_fame(member, evaluation.duplicate_of)
+        if self.told % self.ga.population_size == 0:
+            record = self._statistics.compile(self.population)
+            self.logbook.append({"evaluations": self.told, **{k: float(v) for k, v in record.items()}})
+
+    def _insert(self, member: Member, duplicate_of: int | None) -> bool:
+        """Place a relaxed child in the population, respecting niches; True if it got in."""
+        member.fitness = self._fitness_class(member.scores)
+        for i, other in enumerate(self.population):
+            same_minimum = duplicate_of is not None and other.candidate_id == duplicate_of
+            same_niche = (
+                abs(other.scores[0] - member.scores[0]) < self.ga.niche_energy_tol
+                and other.spacegroup == member.spacegroup
+                and len(other.structure) == len(member.structure)
+            )
+            if same_minimum or same_niche:
+                if member.scores < other.scores:
+                    self.population[i] = member
+                    return True
+                return False
+        if duplicate_of is not None:
+            return False  # the same minimum was in the population once and was selected out
+        self.population.append(member)
+        if len(self.population) > self.ga.population_size:
+            if self.objectives:
+                self.population = tools.selNSGA2(self.population, self.ga.population_size)
+            else:
+                self.population.sort(key=lambda m: m.scores)
+                self.population = self.population[: self.ga.population_size]
+        return any(m is member for m in self.population)
+
+    def _update_hall_of_fame(self, member: Member, duplicate_of: int | None) -> None:
+        if duplicate_of is not None:
+            return
+        self.hall_of_fame.append({"id": member.candidate_id, "enthalpy_per_atom": member.scores[0]})
+        self.hall_of_fame.sort(key=lambda entry: entry["enthalpy_per_atom"])
+        del self.hall_of_fame[HALL_OF_FAME_SIZE:]
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self._py_random_state
+        return {
+            "kind": "ga",
+            "rng": self.rng.bit_generator.state,
+            "py_random": [version, list(internal), gauss],
+            "population": [
+                {
+                    "id": m.candidate_id,
+                    "structure": m.structure.as_dict(),
+                    "scores": list(m.scores),
+                    "sg": m.spacegroup,
+                }
+                for m in self.population
+            ],
+            "hall_of_fame": self.hall_of_fame,
+            "initial_proposed": self.initial_proposed,
+            "told": self.told,
+            "outstanding": {str(k): v for k, v in self.outstanding.items()},
+            "operator_stats": self.operator_stats,
+            "logbook": self.logbook,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "ga":
+            raise ValueError(f"checkpointed search is {state.get('kind')!r}, not ga")
+        self.rng.bit_generator.state = state["rng"]
+        version, internal, gauss = state["py_random"]
+        self._py_random_state = (version, tuple(internal), gauss)
+        self.population = []
+        for entry in state["population"]:
+            member = Member(
+                entry["id"], Structure.from_dict(entry["structure"]), tuple(entry["scores"]), entry["sg"]
+            )
+            member.fitness = self._fitness_class(member.scores)
+            self.population.append(member)
+        self.hall_of_fame = state["hall_of_fame"]
+        self.initial_proposed = state["initial_proposed"]
+        self.told = state["told"]
+        self.outstanding = {int(k): v for k, v in state["outstanding"].items()}
+        self.operator_stats = state["operator_stats"]
+        self.logbook = state["logbook"]
+
+
+def _nsga2_order(population: list[Member]) -> list[Member]:
+    """Population sorted by NSGA-II: non-domination rank first, then larger crowding distance."""
+    fronts = tools.sortNondominated(population, len(population))
+    ordered = []
+    for front in fronts:
+        tools.emo.assignCrowdingDist(front)
+        ordered.extend(sorted(front, key=lambda m: -m.fitness.crowding_dist))
+    return ordered
