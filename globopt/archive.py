@@ -145,9 +145,17 @@ class Archive:
             self.db.execute("UPDATE candidates SET attempts=? WHERE id=?", (attempt, candidate_id))
 
     def commit_evaluation(
-        self, evaluation: Evaluation, state: dict[str, Any] | None, duplicate_of: int | None = None
+        self,
+        evaluation: Evaluation,
+        state: dict[str, Any] | None,
+        duplicate_of: int | None = None,
+        supersedes: int | None = None,
     ) -> None:
-        """Record a finished relaxation; after this returns the result survives any kill."""
+        """Record a finished relaxation; after this returns the result survives any kill.
+
+        ``supersedes``: an earlier representative of the same minimum that this lower-energy result
+        replaces; it and its duplicates are pointed at the new one in the same transaction.
+        """
         e = evaluation
         relaxed = e.relaxed
         with self._transaction():
@@ -178,6 +186,11 @@ class Archive:
                     e.candidate_id,
                 ),
             )
+            if supersedes is not None:
+                self.db.execute(
+                    "UPDATE candidates SET duplicate_of=? WHERE id=? OR duplicate_of=?",
+                    (e.candidate_id, supersedes, supersedes),
+                )
             self._write_state(state)
 
     # -- queries -----------------------------------------------------------------------------------

@@ -69,3 +69,4 @@ class Evaluation:
     worker: str = ""
     extra: dict = field(default_factory=dict)  # objective values etc., stored as JSON in the archive
     duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum
+    supersedes: int | None = None  # set by the engine: the same minimum found before, at a higher energy

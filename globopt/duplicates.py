@@ -85,6 +85,22 @@ class DuplicateIndex:
     ) -> None:
         self._buckets[key or self.key(structure)].append(_Entry(candidate_id, structure, energy))
 
+    def replace(self, old_id: int, new_id: int, structure: Structure, energy: float | None) -> None:
+        """Make a better-relaxed copy of an indexed minimum its representative."""
+        for entries in self._buckets.values():
+            for i, entry in enumerate(entries):
+                if entry.candidate_id == old_id:
+                    entries[i] = _Entry(new_id, structure, energy)
+                    return
+        raise KeyError(old_id)
+
+    def energy_of(self, candidate_id: int) -> float | None:
+        for entries in self._buckets.values():
+            for entry in entries:
+                if entry.candidate_id == candidate_id:
+                    return entry.energy
+        raise KeyError(candidate_id)
+
     def key(self, structure: Structure) -> tuple[str, int]:
         if self.bucket_by_spacegroup:
             return bucket_key(structure, self.symprec)

@@ -226,26 +226,44 @@ class Engine:
         self.run_dir.append_result(self.archive, candidate_id)
 
     def _commit(self, evaluation: Evaluation) -> None:
-        duplicate_of = None
+        duplicate_of = supersedes = None
         new_best = False
         if evaluation.status is Status.RELAXED:
             if self.config.objectives:
                 evaluation.extra["objectives"] = objective_values(evaluation.relaxed, self.config.objectives)
-            duplicate_of = self.relaxed_index.find(evaluation.relaxed, evaluation.enthalpy_per_atom)
-            evaluation.duplicate_of = duplicate_of
+            duplicate_of, supersedes = self._classify_minimum(evaluation)
+            evaluation.duplicate_of, evaluation.supersedes = duplicate_of, supersedes
             if duplicate_of is None:
-                self.relaxed_index.add(
-                    evaluation.candidate_id, evaluation.relaxed, evaluation.enthalpy_per_atom
-                )
                 new_best = self._update_best(
                     evaluation.enthalpy_per_atom, evaluation.candidate_id, evaluation.spacegroup
                 )
         self.search.tell(evaluation.candidate_id, evaluation)
-        self.archive.commit_evaluation(evaluation, self.search.state_dict(), duplicate_of)
+        self.archive.commit_evaluation(evaluation, self.search.state_dict(), duplicate_of, supersedes)
         self.run_dir.append_result(self.archive, evaluation.candidate_id)
         if new_best:
             self.run_dir.write_best(self.archive, self.config.output.n_best)
         self.progress.finished(evaluation, duplicate_of, self.best)
+
+    def _classify_minimum(self, evaluation: Evaluation) -> tuple[int | None, int | None]:
+        """(duplicate_of, supersedes) for a relaxed structure.
+
+        A match means the same minimum was found before. If this copy is relaxed to a lower enthalpy it
+        becomes the minimum's representative (so best/ and the best-so-far show the lowest energy found),
+        and the old representative is marked as its duplicate.
+        """
+        structure, energy, candidate_id = (
+            evaluation.relaxed,
+            evaluation.enthalpy_per_atom,
+            evaluation.candidate_id,
+        )
+        match = self.relaxed_index.find(structure, energy)
+        if match is None:
+            self.relaxed_index.add(candidate_id, structure, energy)
+            return None, None
+        if energy < self.relaxed_index.energy_of(match):
+            self.relaxed_index.replace(match, candidate_id, structure, energy)
+            return None, match
+        return match, None
 
 
 def _raise_interrupted(signum, frame) -> None:

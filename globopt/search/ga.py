@@ -178,7 +178,7 @@ class GeneticSearch(SearchAlgorithm):
         scores = objective_scores(evaluation.enthalpy_per_atom, values, self.objectives)
         member = Member(candidate_id, evaluation.relaxed, scores, evaluation.spacegroup_number)
         best_before = min((m.scores[0] for m in self.population), default=np.inf)
-        entered = self._insert(member, evaluation.duplicate_of)
+        entered = self._insert(member, evaluation.duplicate_of, evaluation.supersedes)
         if operator and entered:
             self.operator_stats[operator]["entered"] += 1
             if scores[0] < best_before - 1e-6:
@@ -188,11 +188,12 @@ class GeneticSearch(SearchAlgorithm):
             record = self._statistics.compile(self.population)
             self.logbook.append({"evaluations": self.told, **{k: float(v) for k, v in record.items()}})
 
-    def _insert(self, member: Member, duplicate_of: int | None) -> bool:
+    def _insert(self, member: Member, duplicate_of: int | None, supersedes: int | None = None) -> bool:
         """Place a relaxed child in the population, respecting niches; True if it got in."""
         member.fitness = self._fitness_class(member.scores)
+        same_as = {i for i in (duplicate_of, supersedes) if i is not None}
         for i, other in enumerate(self.population):
-            same_minimum = duplicate_of is not None and other.candidate_id == duplicate_of
+            same_minimum = other.candidate_id in same_as
             same_niche = (
                 abs(other.scores[0] - member.scores[0]) < self.ga.niche_energy_tol
                 and other.spacegroup == member.spacegroup

@@ -29,6 +29,16 @@ def compatible_spacegroups(counts: list[int], allowed: list[int] | None = None) 
     return [g for g in groups if Group(g).check_compatible(counts)[0]]
 
 
+def pyxtal_rng(rng: np.random.Generator) -> np.random.Generator:
+    """A fresh generator for one pyxtal call, seeded from ours.
+
+    pyxtal ``spawn``s children from the generator it is given; spawning depends on a counter in the
+    generator's SeedSequence that ``bit_generator.state`` does not capture, so handing pyxtal our own
+    generator would make a resumed search diverge from the original one.
+    """
+    return np.random.default_rng(int(rng.integers(2**63)))
+
+
 def random_symmetric_structure(
     content: dict[str, int], groups: list[int], rng: np.random.Generator, volume_factor: float
 ) -> tuple[Structure, int] | str:
@@ -39,8 +49,9 @@ def random_symmetric_structure(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             crystal.from_random(
-                3, group, list(content), list(content.values()), factor=volume_factor, random_state=rng
-            )
+                3, group, list(content), list(content.values()), factor=volume_factor,
+                random_state=pyxtal_rng(rng),
+            )  # fmt: skip
     except Exception as exc:  # pyxtal signals failure to place atoms with several exception types
         return f"{type(exc).__name__}: {exc}"
     if not crystal.valid:
