@@ -30,7 +30,6 @@ from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
 from globopt.search import operators
 from globopt.search.base import SearchAlgorithm
-from globopt.search.random_search import compatible_spacegroups
 
 # Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
 MAX_OPERATOR_TRIES = 12
@@ -132,8 +131,9 @@ class GeneticSearch(SearchAlgorithm):
 
     def _random_structure(self) -> tuple[Structure, int] | None:
         content = self.contents[int(self.rng.integers(len(self.contents)))]
-        groups = compatible_spacegroups(list(content.values()), self.spacegroups)
-        return operators.random_immigrant(content, self.limits, self.rng, groups, self.volume_factor)
+        return operators.random_immigrant(
+            content, self.limits, self.rng, self.spacegroups, self.volume_factor
+        )
 
     def _remember(self, operator: str, parents: tuple[int, ...]) -> None:
         self.last_proposal = (operator, parents)

@@ -7,6 +7,7 @@ random cells, which is why this is the baseline every smarter search must beat.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -25,8 +26,13 @@ MAX_GENERATION_ATTEMPTS = 200
 
 def compatible_spacegroups(counts: list[int], allowed: list[int] | None = None) -> list[int]:
     """Space groups whose Wyckoff multiplicities can hold exactly these atom counts."""
-    groups = allowed or range(1, 231)
-    return [g for g in groups if Group(g).check_compatible(counts)[0]]
+    return list(_compatible(tuple(counts), tuple(allowed) if allowed else None))
+
+
+@functools.lru_cache(maxsize=256)
+def _compatible(counts: tuple[int, ...], allowed: tuple[int, ...] | None) -> tuple[int, ...]:
+    # cached: checking all 230 groups costs more than generating a structure
+    return tuple(g for g in allowed or range(1, 231) if Group(g).check_compatible(list(counts))[0])
 
 
 def pyxtal_rng(rng: np.random.Generator) -> np.random.Generator:

@@ -1,0 +1,715 @@
+"""Variation operators for an evolutionary crystal search (USPEX-style, after Oganov & Glass).
+
+The master process of a search builds every offspring itself, so these operators work on small numpy
+copies of the cell (lattice rows, fractional coordinates, symbols) and convert to a pymatgen Structure
+once, at the end. Every operator either returns a child that is valid by the engine's own rules (same
+cell content, ``geometry_problem`` empty, a sane lattice) or ``None``: an invalid child would only be
+rejected by the engine after the search had spent an offspring slot on it, and a ``None`` tells the
+caller at once to try another operator.
+
+All randomness comes from the ``numpy.random.Generator`` passed in (pyxtal included), because the search
+checkpoints its generator state and a resumed run must propose exactly the same children.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+from ase.data import atomic_numbers, covalent_radii
+from pymatgen.core import Lattice, Structure
+
+from globopt.geometry import GeometryLimits, geometry_problem
+from globopt.search.random_search import compatible_spacegroups, random_symmetric_structure
+
+OPERATORS = ("heredity", "lattice_strain", "permutation", "coordinate", "soft", "immigrant")
+
+# Internal retries before an operator gives up: a failed try costs about a millisecond (numpy checks,
+# no ASE round trip), so several are cheap, but the caller has other operators to fall back on.
+ATTEMPTS = 6
+HEREDITY_ATTEMPTS = 5
+IMMIGRANT_ATTEMPTS = 10
+# The engine's lattice rule. A Niggli cell's angles always lie within about 60..120 degrees, so in practice
+# degenerate cells are caught by a failed reduction or a too-short vector; the angle test keeps the rule
+# explicit in case the reduction ever returns something else.
+MIN_ANGLE, MAX_ANGLE = 20.0, 160.0
+# Repair pushes overlapping pairs a little beyond their limit, so rounding in a later distance check
+# (ASE's neighbour list) cannot flip the verdict.
+PUSH_TARGET = 1.05
+PUSH_ROUNDS = 25
+PUSH_JITTER = 0.05  # Å
+# The numpy pre-check keeps this much margin so it never passes a pair that geometry_problem rejects.
+CHECK_MARGIN = 1.0 + 1e-6
+# Beyond this many periodic images the basis is too skewed to search directly; reduce it first. A
+# reduced cell that still needs more is a slab, not a crystal, and no operator works on it.
+MAX_IMAGES = 729
+MAX_IMAGES_REDUCED = 1331
+# Soft mutation: bonds within BOND_FACTOR x covalent sum, stiffness exp(-SPRING_DECAY (d/d0 - 1)).
+BOND_FACTOR = 1.3
+SPRING_DECAY = 3.0
+# Pure central springs leave low-coordination cells full of zero-frequency (floppy) modes, which makes
+# "the softest mode" arbitrary; a weak transverse stiffness on every bond removes them.
+TRANSVERSE_STIFFNESS = 0.2
+SOFT_MODE_CHOICES = 3
+SOFT_AMPLITUDE_STEPS = (1.0, 0.7, 0.5, 0.35, 0.25)
+# Soft mutation's last resort is a full-amplitude move plus overlap repair, accepted only if no atom ends
+# farther than amplitude + this from where it started (Å).
+SOFT_REPAIR_SLACK = 0.25
+# Lattice strain retries shrink sigma by this factor every second attempt.
+STRAIN_SHRINK = 0.5
+# Heredity: surplus atoms near a cut plane are the likeliest to sit badly, so their removal score gets
+# this bonus, fading over about an ångström.
+PLANE_WEIGHT = 0.5
+EMPTY_SPOT_TRIALS = 24
+
+
+class _FlatCell(ValueError):
+    """A cell so thin that listing its periodic images would cost more than the operator is worth."""
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """A working copy of a structure: cheap to modify, converted to pymatgen only at the end."""
+
+    lattice: np.ndarray  # (3, 3), rows are the lattice vectors, Å
+    frac: np.ndarray  # (N, 3) fractional coordinates
+    symbols: np.ndarray  # (N,) element symbols
+
+    @property
+    def cart(self) -> np.ndarray:
+        return self.frac @ self.lattice
+
+    def with_cart(self, cart: np.ndarray) -> _Cell:
+        return replace(self, frac=(cart @ np.linalg.inv(self.lattice)) % 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# conversions and checks
+
+
+def _cell_of(structure: Structure) -> _Cell:
+    symbols = np.array([site.specie.symbol for site in structure])
+    return _Cell(structure.lattice.matrix.copy(), structure.frac_coords % 1.0, symbols)
+
+
+def _structure_of(cell: _Cell) -> Structure:
+    return Structure(Lattice(cell.lattice), list(cell.symbols), cell.frac % 1.0)
+
+
+def _numbers(symbols: np.ndarray) -> np.ndarray:
+    return np.array([atomic_numbers[s] for s in symbols], dtype=int)
+
+
+def _same_content(symbols: np.ndarray, content: dict[str, int]) -> bool:
+    wanted = {el: n for el, n in content.items() if n}
+    return dict(Counter(str(s) for s in symbols)) == wanted
+
+
+def _smallest_limit(limits: GeometryLimits) -> float:
+    positive = limits.min_distance[limits.min_distance > 0]
+    return float(positive.min()) if positive.size else 0.0
+
+
+def lattice_problem(matrix: np.ndarray, limits: GeometryLimits) -> str:
+    """Why a lattice is unusable, or ''; judged on the Niggli cell so the basis choice cannot matter."""
+    matrix = np.asarray(matrix, dtype=float)
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
+        return "degenerate lattice"
+    try:
+        reduced = Lattice(matrix).get_niggli_reduced_lattice()
+    except Exception as exc:  # pymatgen raises several kinds on near-degenerate cells
+        return f"Niggli reduction failed ({type(exc).__name__})"
+    angles = np.array(reduced.angles)
+    if np.any(angles < MIN_ANGLE) or np.any(angles > MAX_ANGLE):
+        return f"reduced cell angles {np.round(angles, 1).tolist()} outside [{MIN_ANGLE}, {MAX_ANGLE}]"
+    shortest = min(reduced.abc)
+    if shortest < _smallest_limit(limits):
+        return f"lattice vector of {shortest:.2f} Å is shorter than any allowed pair distance"
+    return ""
+
+
+def validity_problem(structure: Structure, content: dict[str, int], limits: GeometryLimits) -> str:
+    """Why a child is not acceptable to the engine, or '' when it is (the contract every operator keeps)."""
+    if not structure.is_ordered:
+        return "structure is disordered"
+    symbols = np.array([site.specie.symbol for site in structure])
+    if not _same_content(symbols, content):
+        return f"content {dict(Counter(symbols.tolist()))} differs from {content}"
+    problem = lattice_problem(structure.lattice.matrix, limits)
+    return problem or geometry_problem(structure, limits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# periodic geometry in numpy
+
+
+def _image_shifts(lattice: np.ndarray, cutoff: float) -> np.ndarray:
+    """Integer cell shifts that can hold a neighbour within ``cutoff`` of a minimum-image difference."""
+    widths_inverse = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / plane spacing per axis
+    reach = np.ceil(cutoff * widths_inverse + 0.5).astype(int)
+    axes = [np.arange(-r, r + 1) for r in reach]
+    return np.array(list(itertools.product(*axes)), dtype=float)
+
+
+def _reduced_basis(lattice: np.ndarray, frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    reduced = Lattice(lattice).get_niggli_reduced_lattice().matrix
+    return reduced, (frac @ lattice @ np.linalg.inv(reduced)) % 1.0
+
+
+def _pairs(
+    lattice: np.ndarray, frac: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All ordered pairs (i, j, image) closer than cutoff: i, j, vector i->j (Å), distance.
+
+    Each unordered pair appears twice (once from each end), periodic self-images included. Exact for
+    any cell, which matters for small cells where one pair has several images within the cutoff.
+    """
+    shifts = _image_shifts(lattice, cutoff)
+    if len(shifts) > MAX_IMAGES:
+        lattice, frac = _reduced_basis(lattice, frac)
+        shifts = _image_shifts(lattice, cutoff)
+        if len(shifts) > MAX_IMAGES_REDUCED:
+            raise _FlatCell(f"{len(shifts)} periodic images within {cutoff:.2f} Å")
+    diff = frac[None, :, :] - frac[:, None, :]
+    diff -= np.round(diff)
+    vectors = (diff[:, :, None, :] + shifts[None, None, :, :]) @ lattice
+    distances = np.linalg.norm(vectors, axis=-1)
+    mask = distances < cutoff
+    n = len(frac)
+    zero = int(np.flatnonzero(np.all(shifts == 0, axis=1))[0])
+    mask[np.arange(n), np.arange(n), zero] = False
+    i, j, m = np.nonzero(mask)
+    return i, j, vectors[i, j, m], distances[i, j, m]
+
+
+def _nearest_distances(lattice: np.ndarray, points: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """Point-to-atom distances (P, N) over the 27 nearest images: a heuristic for crowding only."""
+    diff = frac[None, :, :] - points[:, None, :]
+    diff -= np.round(diff)
+    shifts = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=3)))
+    vectors = (diff[:, :, None, :] + shifts[None, None, :, :]) @ lattice
+    return np.linalg.norm(vectors, axis=-1).min(axis=2)
+
+
+def _limit_pairs(cell: _Cell, limits: GeometryLimits, factor: float) -> tuple[np.ndarray, ...]:
+    """Pairs closer than ``factor`` times their allowed distance: i, j, vector, distance, allowed."""
+    numbers = _numbers(cell.symbols)
+    allowed_matrix = limits.min_distance[np.ix_(numbers, numbers)]
+    cutoff = float(allowed_matrix.max()) * factor
+    if cutoff <= 0:
+        empty = np.zeros(0, dtype=int)
+        return empty, empty, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    i, j, vectors, distances = _pairs(cell.lattice, cell.frac, cutoff)
+    allowed = allowed_matrix[i, j]
+    close = distances < allowed * factor
+    return i[close], j[close], vectors[close], distances[close], allowed[close]
+
+
+def _volume_ok(cell: _Cell, limits: GeometryLimits) -> bool:
+    low, high = limits.volume_per_atom_range
+    return low <= abs(np.linalg.det(cell.lattice)) / len(cell.frac) <= high
+
+
+def _quick_valid(cell: _Cell, limits: GeometryLimits) -> bool:
+    """The numpy twin of geometry_problem, so failed tries never pay for the ASE round trip."""
+    if not _volume_ok(cell, limits):
+        return False
+    try:
+        return len(_limit_pairs(cell, limits, CHECK_MARGIN)[0]) == 0
+    except _FlatCell:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# repair
+
+
+def _clip_volume(cell: _Cell, limits: GeometryLimits) -> _Cell:
+    """Scale the cell into the volume window (with a little room) keeping fractional coordinates."""
+    low, high = limits.volume_per_atom_range
+    per_atom = abs(np.linalg.det(cell.lattice)) / len(cell.frac)
+    target = min(max(per_atom, low * 1.02), high * 0.98)
+    if target == per_atom:
+        return cell
+    return replace(cell, lattice=cell.lattice * (target / per_atom) ** (1.0 / 3.0))
+
+
+def _push_apart(cell: _Cell, limits: GeometryLimits, rng: np.random.Generator | None) -> _Cell | None:
+    """Separate overlapping pairs along their bond, a few rounds, because small overlaps at a seam or
+    after a random move are common and cheap to fix; gives up when an atom overlaps its own image
+    (only a bigger cell would help) or the overlaps do not clear. With a generator, overlapping atoms
+    also get a small random jitter: an atom squeezed symmetrically between two others (common in
+    high-symmetry parents) feels no net push along the bonds and needs a sideways nudge."""
+    for _ in range(PUSH_ROUNDS):
+        try:
+            i, j, vectors, distances, allowed = _limit_pairs(cell, limits, CHECK_MARGIN)
+        except _FlatCell:
+            return None
+        if len(i) == 0:
+            return cell
+        if np.any(i == j):
+            return None
+        safe = np.maximum(distances, 1e-9)[:, None]
+        units = np.where(distances[:, None] > 1e-9, vectors / safe, np.array([1.0, 0.0, 0.0]))
+        push = (allowed * PUSH_TARGET - distances)[:, None] * 0.5
+        moves = np.zeros_like(cell.frac)
+        np.add.at(moves, i, -push * units)
+        if rng is not None:
+            crowded = np.zeros(len(moves), dtype=bool)
+            crowded[i] = True
+            moves += rng.normal(0.0, PUSH_JITTER, moves.shape) * crowded[:, None]
+        cell = cell.with_cart(cell.cart + moves)
+    return cell if _quick_valid(cell, limits) else None
+
+
+def _finish(
+    cell: _Cell,
+    content: dict[str, int],
+    limits: GeometryLimits,
+    repair: bool,
+    rng: np.random.Generator | None = None,
+) -> Structure | None:
+    """Turn a working cell into a checked Structure, optionally repairing volume and overlaps first.
+
+    Without repair the numpy distance check runs before the Niggli-based lattice check, because most
+    failed tries fail on distances and it is the cheaper of the two; repair needs a sane lattice first.
+    """
+    if not _same_content(cell.symbols, content) or _numbers(cell.symbols).max() >= len(limits.min_distance):
+        return None
+    if repair:
+        if lattice_problem(cell.lattice, limits):
+            return None
+        repaired = _push_apart(_clip_volume(cell, limits), limits, rng)
+        if repaired is None:
+            return None
+        cell = repaired
+    elif not _quick_valid(cell, limits) or lattice_problem(cell.lattice, limits):
+        return None
+    structure = _structure_of(cell)
+    if geometry_problem(structure, limits):
+        return None
+    return structure
+
+
+def make_valid(
+    structure: Structure,
+    content: dict[str, int],
+    limits: GeometryLimits,
+    rng: np.random.Generator | None = None,
+) -> Structure | None:
+    """Nudge a nearly valid structure (volume just outside the window, a few overlapping pairs) into a
+    valid one; None when that is not enough. Never returns an invalid structure. Deterministic without
+    a generator; with one it can also unjam symmetric overlaps."""
+    return _finish(_cell_of(structure), content, limits, repair=True, rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------------
+# heredity
+
+
+def _reduced(structure: Structure) -> _Cell:
+    """The Niggli cell, so two parents' lattices are expressed in comparable bases before blending."""
+    cell = _cell_of(structure)
+    lattice, frac = _reduced_basis(cell.lattice, cell.frac)
+    return _Cell(lattice, frac, cell.symbols)
+
+
+def _cell_factors(lengths: np.ndarray, ratio: float) -> np.ndarray:
+    """Per-axis stretch making a cell hold ``ratio`` times its atoms: double the shortest axis (or halve
+    the longest) while that fits, then the remainder on one axis, so the region stays compact."""
+    factors = np.ones(3)
+    while ratio >= 2.0 - 1e-9:
+        axis = int(np.argmin(lengths * factors))
+        factors[axis] *= 2.0
+        ratio /= 2.0
+    while ratio <= 0.5 + 1e-9:
+        axis = int(np.argmax(lengths * factors))
+        factors[axis] *= 0.5
+        ratio *= 2.0
+    if abs(ratio - 1.0) > 1e-9:
+        axis = int(np.argmin(lengths * factors) if ratio > 1 else np.argmax(lengths * factors))
+        factors[axis] *= ratio
+    return factors
+
+
+def _stretch_axis(cell: _Cell, axis: int, factor: float, origin: float) -> _Cell:
+    """Cut the region [origin, origin + factor) along one axis out of the infinite crystal and make it
+    the new unit along that axis (a supercell for factor 2, half a cell for 0.5)."""
+    start = (cell.frac[:, axis] - origin) % 1.0
+    fracs, symbols = [], []
+    for image in range(int(np.ceil(factor))):
+        along = start + image
+        keep = along < factor
+        frac = cell.frac[keep].copy()
+        frac[:, axis] = along[keep] / factor
+        fracs.append(frac)
+        symbols.append(cell.symbols[keep])
+    lattice = cell.lattice.copy()
+    lattice[axis] *= factor
+    return _Cell(lattice, np.concatenate(fracs), np.concatenate(symbols))
+
+
+def _resized(cell: _Cell, n_target: int, rng: np.random.Generator) -> _Cell:
+    """A piece of the parent crystal holding about n_target atoms, so parents of a different size than
+    the child contribute slabs at the right density instead of being squeezed or diluted."""
+    factors = _cell_factors(np.linalg.norm(cell.lattice, axis=1), n_target / len(cell.frac))
+    for axis in range(3):
+        if abs(factors[axis] - 1.0) > 1e-9:
+            cell = _stretch_axis(cell, axis, float(factors[axis]), float(rng.random()))
+    return cell
+
+
+def _shape(lattice: np.ndarray) -> np.ndarray:
+    """Metric tensor at unit volume: the orientation-free shape of a cell."""
+    metric = lattice @ lattice.T
+    return metric / abs(np.linalg.det(lattice)) ** (2.0 / 3.0)
+
+
+def _aligned(cell: _Cell, reference: np.ndarray) -> _Cell:
+    """Relabel and flip the axes of ``cell`` (same crystal, other basis) to look most like the reference,
+    so that averaging lattices blends like with like."""
+    target = _shape(reference)
+    best, best_cost = cell, np.inf
+    for order in itertools.permutations(range(3)):
+        for signs in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1)):
+            flip = np.array(signs, dtype=float)
+            lattice = cell.lattice[list(order)] * flip[:, None]
+            cost = float(np.linalg.norm(_shape(lattice) - target))
+            if cost < best_cost - 1e-12:
+                frac = (cell.frac[:, list(order)] * flip) % 1.0
+                best, best_cost = _Cell(lattice, frac, cell.symbols), cost
+    return best
+
+
+def _blend(lattice_a: np.ndarray, lattice_b: np.ndarray, weight: float, volume: float) -> np.ndarray:
+    """Weighted mean of the two cell shapes at the requested volume. Averaging metric tensors keeps the
+    result positive definite (a real lattice) whatever the parents' orientations in space."""
+    metric = weight * _shape(lattice_a) + (1.0 - weight) * _shape(lattice_b)
+    lattice = np.linalg.cholesky(metric)  # lower triangular: a along x, b in the xy plane
+    return lattice * (volume / np.linalg.det(lattice)) ** (1.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class _Cut:
+    axis: int
+    start: float
+    fraction: float
+
+    def in_first(self, frac: np.ndarray) -> np.ndarray:
+        return ((frac[:, self.axis] - self.start) % 1.0) < self.fraction
+
+    def plane_distance(self, cell: _Cell) -> np.ndarray:
+        """Distance (Å) of every atom to the nearer of the two cut planes."""
+        spacing = 1.0 / np.linalg.norm(np.linalg.inv(cell.lattice)[:, self.axis])
+        along = cell.frac[:, self.axis]
+        planes = np.array([self.start, self.start + self.fraction])
+        offset = along[:, None] - planes[None, :]
+        offset -= np.round(offset)
+        return np.abs(offset).min(axis=1) * spacing
+
+
+def _natural_spacing(symbols_a: np.ndarray, symbols_b: np.ndarray) -> np.ndarray:
+    radii_a = covalent_radii[_numbers(symbols_a)]
+    radii_b = covalent_radii[_numbers(symbols_b)]
+    return radii_a[:, None] + radii_b[None, :]
+
+
+def _remove_one(cell: _Cell, element: str, cut: _Cut) -> _Cell:
+    """Drop the atom of ``element`` that sits worst: most squeezed against its neighbours, with a bonus
+    near the cut planes where the two parents' halves meet."""
+    candidates = np.flatnonzero(cell.symbols == element)
+    distances = _nearest_distances(cell.lattice, cell.frac[candidates], cell.frac)
+    distances[np.arange(len(candidates)), candidates] = np.inf
+    squeeze = (_natural_spacing(cell.symbols[candidates], cell.symbols) / distances).max(axis=1)
+    score = squeeze + PLANE_WEIGHT * np.exp(-cut.plane_distance(cell)[candidates])
+    drop = candidates[int(np.argmax(score))]
+    keep = np.arange(len(cell.frac)) != drop
+    return _Cell(cell.lattice, cell.frac[keep], cell.symbols[keep])
+
+
+def _add_one(
+    cell: _Cell, element: str, spares: np.ndarray, limits: GeometryLimits, rng: np.random.Generator
+) -> tuple[_Cell, np.ndarray]:
+    """Add an atom of ``element``: at the roomiest unused parent position of that element if it fits,
+    otherwise at the roomiest of those and a few random spots. Returns the cell and remaining spares."""
+    randoms = rng.random((EMPTY_SPOT_TRIALS, 3))
+    points = np.concatenate([spares, randoms]) if len(spares) else randoms
+    if len(cell.frac):
+        distances = _nearest_distances(cell.lattice, points, cell.frac)
+        spacing = _natural_spacing(np.array([element]), cell.symbols)[0]
+        room = (distances / spacing[None, :]).min(axis=1)
+        allowed = limits.min_distance[atomic_numbers[element], _numbers(cell.symbols)]
+        fits = np.all(distances >= allowed[None, :] * PUSH_TARGET, axis=1)
+    else:
+        room = np.ones(len(points))
+        fits = np.ones(len(points), dtype=bool)
+    n_spare = len(spares)
+    spare_fits = fits[:n_spare]
+    if spare_fits.any():
+        pick = int(np.argmax(np.where(spare_fits, room[:n_spare], -np.inf)))
+    else:
+        pick = int(np.argmax(room))
+    remaining = np.delete(spares, pick, axis=0) if pick < n_spare else spares
+    frac = np.concatenate([cell.frac, points[pick][None, :]])
+    return _Cell(cell.lattice, frac, np.append(cell.symbols, element)), remaining
+
+
+def _fix_content(
+    cell: _Cell,
+    spares: _Cell,
+    content: dict[str, int],
+    cut: _Cut,
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+) -> _Cell:
+    """Bring the spliced cell to the required content: surplus out first, then the deficit in, so the
+    additions see the final neighbourhood."""
+    have = Counter(str(s) for s in cell.symbols)
+    for element in sorted(have):
+        for _ in range(have[element] - content.get(element, 0)):
+            cell = _remove_one(cell, element, cut)
+    for element, wanted in content.items():
+        pool = spares.frac[spares.symbols == element]
+        for _ in range(wanted - int(np.sum(cell.symbols == element))):
+            cell, pool = _add_one(cell, element, pool, limits, rng)
+    order = {el: k for k, el in enumerate(content)}
+    rank = np.argsort([order[str(s)] for s in cell.symbols], kind="stable")
+    return _Cell(cell.lattice, cell.frac[rank], cell.symbols[rank])
+
+
+def _splice(
+    parent_a: _Cell,
+    parent_b: _Cell,
+    content: dict[str, int],
+    volume_per_atom: float,
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+) -> _Cell:
+    """One cut-and-splice child: a slab of A, the complementary slab of randomly shifted B."""
+    n_atoms = sum(content.values())
+    piece_a = _resized(parent_a, n_atoms, rng)
+    piece_b = _aligned(_resized(parent_b, n_atoms, rng), piece_a.lattice)
+    cut = _Cut(int(rng.integers(3)), float(rng.random()), float(rng.uniform(0.25, 0.75)))
+    lattice = _blend(piece_a.lattice, piece_b.lattice, cut.fraction, n_atoms * volume_per_atom)
+    frac_b = (piece_b.frac + rng.random(3)) % 1.0
+    from_a = cut.in_first(piece_a.frac)
+    from_b = ~cut.in_first(frac_b)
+    child = _Cell(
+        lattice,
+        np.concatenate([piece_a.frac[from_a], frac_b[from_b]]),
+        np.concatenate([piece_a.symbols[from_a], piece_b.symbols[from_b]]),
+    )
+    spares = _Cell(
+        lattice,
+        np.concatenate([piece_a.frac[~from_a], frac_b[~from_b]]),
+        np.concatenate([piece_a.symbols[~from_a], piece_b.symbols[~from_b]]),
+    )
+    return _fix_content(child, spares, content, cut, limits, rng)
+
+
+def heredity(
+    parent_a: Structure,
+    parent_b: Structure,
+    content: dict[str, int],
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+) -> Structure | None:
+    """Cut-and-splice crossover: good local motifs of two parents survive into one child, which is why
+    heredity carries most of the progress in USPEX-style searches."""
+    cell_a, cell_b = _reduced(parent_a), _reduced(parent_b)
+    volume_per_atom = 0.5 * (parent_a.volume / len(parent_a) + parent_b.volume / len(parent_b))
+    low, high = limits.volume_per_atom_range
+    volume_per_atom = min(max(volume_per_atom, low * 1.02), high * 0.98)
+    for _ in range(HEREDITY_ATTEMPTS):
+        child = _splice(cell_a, cell_b, content, volume_per_atom, limits, rng)
+        result = _finish(child, content, limits, repair=True, rng=rng)
+        if result is not None:
+            return result
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# single-parent mutations
+
+
+def _parent_content(structure: Structure) -> dict[str, int]:
+    return dict(Counter(site.specie.symbol for site in structure))
+
+
+def _symmetric_strain(rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Six independent Gaussian components, so shear and stretch are sampled with the same width."""
+    upper = np.triu(rng.normal(0.0, sigma, (3, 3)))
+    return upper + np.triu(upper, 1).T
+
+
+def lattice_strain(
+    parent: Structure, limits: GeometryLimits, rng: np.random.Generator, sigma: float = 0.1
+) -> Structure | None:
+    """Deform the cell at constant volume and fractional coordinates: explores cell shapes that local
+    relaxation reaches only slowly (shear), without touching the atomic arrangement. Retries use smaller
+    strains, because a parent with a pair just above its limit survives only gentle deformations."""
+    cell = _cell_of(parent)
+    content = _parent_content(parent)
+    volume = abs(np.linalg.det(cell.lattice))
+    for attempt in range(ATTEMPTS):
+        deformation = np.eye(3) + _symmetric_strain(rng, sigma * STRAIN_SHRINK ** (attempt // 2))
+        if np.linalg.det(deformation) <= 0.05:
+            continue
+        lattice = cell.lattice @ deformation
+        lattice *= (volume / abs(np.linalg.det(lattice))) ** (1.0 / 3.0)
+        result = _finish(replace(cell, lattice=lattice), content, limits, repair=False)
+        if result is not None:
+            return result
+    return None
+
+
+def _swapped(symbols: np.ndarray, swaps: int, rng: np.random.Generator) -> np.ndarray:
+    symbols = symbols.copy()
+    for _ in range(swaps):
+        first = int(rng.integers(len(symbols)))
+        unlike = np.flatnonzero(symbols != symbols[first])
+        second = int(rng.choice(unlike))
+        symbols[first], symbols[second] = symbols[second], symbols[first]
+    return symbols
+
+
+def permutation(
+    parent: Structure, limits: GeometryLimits, rng: np.random.Generator, max_swaps: int = 3
+) -> Structure | None:
+    """Exchange unlike atoms: finds better orderings of a good framework, which heredity and
+    coordinate moves rarely do because they would have to pass through high-energy overlaps."""
+    cell = _cell_of(parent)
+    if len(set(cell.symbols.tolist())) < 2:
+        return None
+    content = _parent_content(parent)
+    for _ in range(ATTEMPTS):
+        symbols = _swapped(cell.symbols, int(rng.integers(1, max(max_swaps, 1) + 1)), rng)
+        if np.array_equal(symbols, cell.symbols):
+            continue
+        result = _finish(replace(cell, symbols=symbols), content, limits, repair=True, rng=rng)
+        if result is not None:
+            return result
+    return None
+
+
+def coordinate_mutation(
+    parent: Structure,
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+    sigma: float = 0.4,
+    fraction: float = 0.5,
+) -> Structure | None:
+    """Random Cartesian kicks to part of the atoms: local exploration around a good parent."""
+    cell = _cell_of(parent)
+    content = _parent_content(parent)
+    n_atoms = len(cell.frac)
+    for _ in range(ATTEMPTS):
+        moving = rng.random(n_atoms) < fraction
+        if not moving.any():
+            moving[int(rng.integers(n_atoms))] = True
+        kicks = rng.normal(0.0, sigma, (n_atoms, 3)) * moving[:, None]
+        result = _finish(cell.with_cart(cell.cart + kicks), content, limits, repair=True, rng=rng)
+        if result is not None:
+            return result
+    return None
+
+
+def _dynamical_matrix(cell: _Cell) -> np.ndarray:
+    """Gamma-point 3N x 3N stiffness of a bond-spring model (no masses, no potential): springs to
+    neighbours within BOND_FACTOR x the covalent sum, plus each atom's nearest neighbour so no atom
+    floats free, stiffness decaying exponentially with stretch beyond the covalent sum."""
+    n_atoms = len(cell.frac)
+    radii = covalent_radii[_numbers(cell.symbols)]
+    spacing = radii[:, None] + radii[None, :]
+    i, j, vectors, distances = _pairs(cell.lattice, cell.frac, 2.0 * float(spacing.max()))
+    nearest = np.full(n_atoms, np.inf)
+    np.minimum.at(nearest, i, distances)
+    natural = spacing[i, j]
+    bonded = (distances < BOND_FACTOR * natural) | (distances <= nearest[i] * 1.05)
+    i, j, vectors, distances, natural = (x[bonded] for x in (i, j, vectors, distances, natural))
+    stiffness = np.exp(-SPRING_DECAY * (distances / natural - 1.0))
+    units = vectors / distances[:, None]
+    along = units[:, :, None] * units[:, None, :]
+    blocks = stiffness[:, None, None] * (along + TRANSVERSE_STIFFNESS * (np.eye(3) - along))
+    matrix = np.zeros((n_atoms, n_atoms, 3, 3))
+    np.add.at(matrix, (i, i), blocks)
+    np.add.at(matrix, (i, j), -blocks)
+    return matrix.transpose(0, 2, 1, 3).reshape(3 * n_atoms, 3 * n_atoms)
+
+
+def _soft_modes(cell: _Cell, count: int) -> np.ndarray:
+    """The ``count`` softest non-translational modes, shape (count, N, 3). Rigid translations are exact
+    zero modes of any spring model at Gamma; lifting them to the top of the spectrum skips them."""
+    matrix = _dynamical_matrix(cell)
+    n_atoms = len(cell.frac)
+    translations = np.tile(np.eye(3), (n_atoms, 1)) / np.sqrt(n_atoms)
+    lift = 10.0 * (abs(np.trace(matrix)) + 1.0)
+    matrix = 0.5 * (matrix + matrix.T) + lift * translations @ translations.T
+    _, vectors = np.linalg.eigh(matrix)
+    count = min(count, 3 * n_atoms - 3)
+    return vectors[:, :count].T.reshape(count, n_atoms, 3)
+
+
+def soft_mutation(
+    parent: Structure, limits: GeometryLimits, rng: np.random.Generator, amplitude: float = 1.0
+) -> Structure | None:
+    """Displace along a soft normal mode (Lyakhov & Oganov's softmutation with a spring model instead of
+    a potential): soft modes point along collective moves toward nearby minima, far more often useful
+    than random kicks. Smaller amplitudes are tried before any repair, so atoms move at most
+    ``amplitude`` (plus SOFT_REPAIR_SLACK in the rare repaired child)."""
+    cell = _cell_of(parent)
+    if len(cell.frac) < 2:
+        return None
+    content = _parent_content(parent)
+    try:
+        modes = _soft_modes(cell, SOFT_MODE_CHOICES)
+    except (_FlatCell, np.linalg.LinAlgError):
+        return None
+    for _ in range(ATTEMPTS):
+        mode = modes[int(rng.integers(len(modes)))] * (1.0 if rng.random() < 0.5 else -1.0)
+        shift = amplitude * mode / np.linalg.norm(mode, axis=1).max()
+        for step in SOFT_AMPLITUDE_STEPS:
+            result = _finish(cell.with_cart(cell.cart + step * shift), content, limits, repair=False)
+            if result is not None:
+                return result
+        result = _finish(cell.with_cart(cell.cart + shift), content, limits, repair=True, rng=rng)
+        if result is not None and _largest_move(cell, result) <= amplitude + SOFT_REPAIR_SLACK:
+            return result
+    return None
+
+
+def _largest_move(cell: _Cell, moved: Structure) -> float:
+    """Largest minimum-image displacement (Å) of any atom between a cell and its moved copy."""
+    diff = moved.frac_coords - cell.frac
+    diff -= np.round(diff)
+    return float(np.linalg.norm(diff @ cell.lattice, axis=1).max())
+
+
+# ----------------------------------------------------------------------------------------------------
+# immigrants
+
+
+def random_immigrant(
+    content: dict[str, int],
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+    spacegroups: list[int] | None = None,
+    volume_factor: float = 1.1,
+) -> tuple[Structure, int] | None:
+    """A fresh random symmetric structure: keeps diversity in a population that heredity would
+    otherwise collapse onto one basin. Returns it with its space-group number."""
+    content = {el: n for el, n in content.items() if n}
+    groups = compatible_spacegroups(list(content.values()), spacegroups)
+    if not groups:
+        return None
+    for _ in range(IMMIGRANT_ATTEMPTS):
+        made = random_symmetric_structure(content, groups, rng, volume_factor)
+        if isinstance(made, str):
+            continue
+        structure, group = made
+        result = _finish(_cell_of(structure), content, limits, repair=False)
+        if result is not None:
+            return result, group
+    return None

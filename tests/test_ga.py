@@ -1,0 +1,153 @@
+"""The steady-state GA through the engine, with EMT: operators used, niching, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from helpers import committed, emt_config, globopt_process, read_results, wait_for
+
+from globopt.cli import main
+from globopt.config import parse_config
+from globopt.geometry import geometry_limits
+from globopt.search import make_search
+
+GA = {"population_size": 6, "initial_random": 6}
+
+
+def search_state(run_dir: Path) -> dict:
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    try:
+        return json.loads(db.execute("SELECT value FROM search_state").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def ga_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ga")
+    config = emt_config(folder, name="ga", evaluations=20, mode="ga", ga=GA)
+    assert main(["run", str(config), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def test_ga_breeds_after_the_initial_population(ga_run: Path) -> None:
+    rows = [r for r in read_results(ga_run) if r["status"] not in ("rejected", "duplicate")]
+    origins = [r["origin"] for r in rows]
+    n_init = sum(o.startswith("ga:init:sg") for o in origins)
+    assert 2 <= n_init <= GA["initial_random"]  # initial proposals rejected as duplicates are not evaluated
+    assert all(o.startswith("ga:init:sg") for o in origins[:n_init]), (
+        "breeding starts after the initial population"
+    )
+    bred = {o.split(":")[1] for o in origins[n_init:]}
+    assert len(bred) >= 2, f"several operators should have produced children, got {bred}"
+    children = [r for r in rows[n_init:] if r["parents"] not in ("", "[]")]
+    assert children and all(json.loads(r["parents"]) for r in children)
+
+
+def test_population_is_unique_best_of_archive(ga_run: Path) -> None:
+    state = search_state(ga_run)
+    population = state["population"]
+    assert 2 <= len(population) <= GA["population_size"]
+    energies = [m["scores"][0] for m in population]
+    ids = [m["id"] for m in population]
+    assert len(set(ids)) == len(ids)
+    rows = {int(r["id"]): r for r in read_results(ga_run)}
+    assert all(rows[i]["status"] == "relaxed" for i in ids)
+    # niching: no two members are the same minimum
+    assert all(rows[i]["duplicate_of"] == "" for i in ids)
+    # the best relaxed structure found is in the population and in the hall of fame
+    best = min(float(r["enthalpy_per_atom"]) for r in rows.values() if r["status"] == "relaxed")
+    assert min(energies) == pytest.approx(best, abs=1e-6)
+    assert state["hall_of_fame"][0]["enthalpy_per_atom"] == pytest.approx(best, abs=1e-6)
+    assert state["logbook"], "DEAP statistics are recorded"
+
+
+def test_interrupted_then_resumed_ga_continues_the_same_search(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    assert (
+        main(
+            [
+                "run",
+                str(emt_config(tmp_path, name="ga", evaluations=14, mode="ga", ga=GA)),
+                "--out",
+                str(straight),
+            ]
+        )
+        == 0
+    )
+    split = tmp_path / "split"
+    assert (
+        main(
+            [
+                "run",
+                str(emt_config(tmp_path, name="ga", evaluations=8, mode="ga", ga=GA)),
+                "--out",
+                str(split),
+            ]
+        )
+        == 0
+    )
+    config = emt_config(tmp_path, name="ga", evaluations=14, mode="ga", ga=GA)
+    assert main(["run", str(config), "--out", str(split), "--resume"]) == 0
+
+    def sequence(run: Path) -> list[tuple[str, str, str]]:
+        return [(r["origin"], r["status"], r["energy_per_atom"]) for r in read_results(run)]
+
+    assert sequence(split) == sequence(straight)
+
+
+def test_sigkill_mid_run_resumes_from_the_checkpointed_population(tmp_path: Path) -> None:
+    config = emt_config(tmp_path, name="ga", evaluations=24, mode="ga", ga=GA)
+    out = tmp_path / "run"
+    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
+    try:
+        wait_for(lambda: len(committed(out)) >= 10, timeout=180, what="ten committed evaluations")
+    finally:
+        process.kill()
+        process.communicate()
+    before = committed(out)
+    population_before = [m["id"] for m in search_state(out)["population"]]
+    assert population_before
+    resumed = globopt_process("resume", str(out), cwd=tmp_path)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    after = committed(out)
+    assert len(after) == 24 and {k: after[k] for k in before} == before
+    origins = [r["origin"] for r in read_results(out)]
+    assert sum(o.startswith("ga:init") for o in origins) == GA["initial_random"], "the GA did not start over"
+
+
+def test_multi_objective_ga_writes_a_pareto_front(tmp_path: Path) -> None:
+    objectives = [{"name": "density", "property": "density", "target": 14.0}]
+    config = emt_config(tmp_path, name="mo", evaluations=12, mode="ga", ga=GA, objectives=objectives)
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    rows = [r for r in read_results(out) if r["status"] == "relaxed"]
+    assert all(json.loads(r["objectives"])["density"] > 0 for r in rows)
+    front = [r for r in rows if r["pareto_front"] == "1"]
+    assert front
+    lowest = min(rows, key=lambda r: float(r["enthalpy_per_atom"]))
+    unique_lowest = lowest["duplicate_of"] == ""
+    assert not unique_lowest or lowest["pareto_front"] == "1", (
+        "the lowest-enthalpy structure is always on the front"
+    )
+
+
+def test_variable_formula_units_compare_energy_per_atom() -> None:
+    config = parse_config(
+        {
+            "name": "fu",
+            "mode": "ga",
+            "composition": "CuAu",
+            "formula_units": [1, 3],
+            "potential": {"kind": "emt"},
+        }
+    )
+    assert config.cell_contents == [{"Cu": 1, "Au": 1}, {"Cu": 2, "Au": 2}, {"Cu": 3, "Au": 3}]
+    limits = geometry_limits(["Cu", "Au"], [1, 1], 0.6, (0.4, 8.0))
+    search = make_search(config, limits)
+    sizes = {len(search.propose().structure) for _ in range(12)}
+    assert sizes == {2, 4, 6}
