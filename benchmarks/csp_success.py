@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--jobs", type=int, default=2, help="searches run side by side (1 torch thread each)")
     parser.add_argument("--model", default="M3GNet-MP-2021.2.8-PES")
+    parser.add_argument(
+        "--population", type=int, default=10, help="GA population / initial random set and PSO swarm size"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "csp_success.json")
     args = parser.parse_args()
 
@@ -194,6 +197,10 @@ def main() -> None:
                         "content": content, "model": args.model, "reference": relaxed.as_dict(),
                         "reference_energy": energy,
                         "threads": max(1, (os.cpu_count() or 1) // args.jobs),
+                        "extra": {
+                            "ga": {"population_size": args.population, "initial_random": args.population},
+                            "pso": {"swarm_size": args.population},
+                        },
                     }
                 )  # fmt: skip
     started = time.perf_counter()

@@ -45,6 +45,19 @@ class Member:
     scores: tuple  # (enthalpy per atom, objective scores...), all minimised
     spacegroup: int | None
     fitness: base.Fitness | None = None
+    # the search state is serialised after every proposal and result; members never change, so their
+    # structures are converted to dicts once
+    structure_dict: dict | None = None
+
+    def as_state(self) -> dict[str, Any]:
+        if self.structure_dict is None:
+            self.structure_dict = self.structure.as_dict()
+        return {
+            "id": self.candidate_id,
+            "structure": self.structure_dict,
+            "scores": list(self.scores),
+            "sg": self.spacegroup,
+        }
 
 
 class GeneticSearch(SearchAlgorithm):
@@ -229,15 +242,7 @@ class GeneticSearch(SearchAlgorithm):
             "kind": "ga",
             "rng": self.rng.bit_generator.state,
             "py_random": [version, list(internal), gauss],
-            "population": [
-                {
-                    "id": m.candidate_id,
-                    "structure": m.structure.as_dict(),
-                    "scores": list(m.scores),
-                    "sg": m.spacegroup,
-                }
-                for m in self.population
-            ],
+            "population": [member.as_state() for member in self.population],
             "hall_of_fame": self.hall_of_fame,
             "initial_proposed": self.initial_proposed,
             "told": self.told,
@@ -254,8 +259,9 @@ class GeneticSearch(SearchAlgorithm):
         self._py_random_state = (version, tuple(internal), gauss)
         self.population = []
         for entry in state["population"]:
+            structure = Structure.from_dict(entry["structure"])
             member = Member(
-                entry["id"], Structure.from_dict(entry["structure"]), tuple(entry["scores"]), entry["sg"]
+                entry["id"], structure, tuple(entry["scores"]), entry["sg"], structure_dict=entry["structure"]
             )
             member.fitness = self._fitness_class(member.scores)
             self.population.append(member)
