@@ -327,3 +327,19 @@ def test_state_is_checked_for_its_kind_and_contents() -> None:
 def test_impossible_space_groups_are_refused() -> None:
     with pytest.raises(SearchExhausted, match="no space group"):
         ParticleSwarmSearch([{"Cu": 1}], CU_LIMITS, seed=0, spacegroups=[229])
+
+
+def test_pso_mode_through_the_engine(tmp_path) -> None:
+    """`mode: pso` in a config runs end to end: swarm initialisation first, then moves toward the bests."""
+    from helpers import emt_config, read_results
+
+    from globopt.cli import main
+
+    config = emt_config(tmp_path, name="pso", evaluations=14, mode="pso", pso={"swarm_size": 5})
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    rows = [r for r in read_results(tmp_path / "run") if r["status"] not in ("rejected", "duplicate")]
+    assert len(rows) == 14
+    origins = [r["origin"].split(":")[1] for r in rows]
+    # generation 0 comes first (an initial structure screened out as a duplicate leaves its slot to a move)
+    assert origins[0] == "init" and origins.count("init") <= 5
+    assert "move" in origins
