@@ -17,6 +17,14 @@ log = logging.getLogger("globopt")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from globopt import mpi
+
+    if mpi.use_mpi():  # under mpiexec: rank 0 runs the command, the other ranks relax for it
+        return mpi.run_under_mpi(lambda: _main(argv))
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -43,7 +43,7 @@ MAX_ATTEMPTS = 3
 MAX_CONSECUTIVE_REJECTIONS = 500
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT/SIGTERM: stop handing out work; pending candidates are re-issued on resume."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,14 @@ def prepare_worker(settings: EvaluatorSettings, torch_threads: int | None = None
     build_calculator(**settings.potential)
 
 
-def evaluate(task: RelaxTask, settings: EvaluatorSettings) -> Evaluation:
-    """Relax and analyse; every failure becomes a status with a reason, never an exception."""
+def evaluate(
+    task: RelaxTask, settings: EvaluatorSettings, on_step: Callable[[int, float], None] | None = None
+) -> Evaluation:
+    """Relax and analyse; every failure becomes a status with a reason, never an exception.
+
+    ``on_step(step, energy)`` is handed to relax(): MPI workers send heartbeats and honour stop requests
+    from it, the local backends pass nothing.
+    """
     try:
         calculator = build_calculator(**settings.potential)
     except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
@@ -65,7 +72,7 @@ def evaluate(task: RelaxTask, settings: EvaluatorSettings) -> Evaluation:
         min_distance=settings.limits.min_distance,
         volume_per_atom_range=settings.limits.volume_per_atom_range,
     )
-    outcome = relax(atoms, calculator, relax_settings)
+    outcome = relax(atoms, calculator, relax_settings, on_step=on_step)
     n_atoms = len(atoms)
     result = Evaluation(
         candidate_id=task.candidate_id,

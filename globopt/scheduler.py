@@ -128,5 +128,39 @@ def _worker_died(task: RelaxTask) -> Evaluation:
     return Evaluation(candidate_id=task.candidate_id, status=Status.WORKER_DIED, reason=reason)
 
 
+class MPIScheduler(Scheduler):
+    """The worker ranks of an ``mpiexec`` launch, seen from rank 0 (the protocol is in globopt/mpi.py).
+
+    capacity is the number of live worker ranks: it shrinks when a rank dies, and a dead rank's task
+    comes back from collect() as WORKER_DIED like a dead pool process's.
+    """
+
+    def __init__(self, settings: EvaluatorSettings) -> None:
+        from globopt.mpi import WorkerPool
+
+        self._pool = WorkerPool(settings)
+        self.capacity = self._pool.capacity
+
+    def submit(self, task: RelaxTask) -> None:
+        self._pool.submit(task)
+        self.capacity = self._pool.capacity
+
+    def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
+        finished = self._pool.collect()
+        self.capacity = self._pool.capacity
+        return finished
+
+    @property
+    def in_flight(self) -> int:
+        return self._pool.in_flight
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 def make_scheduler(settings: EvaluatorSettings, workers: int) -> Scheduler:
+    from globopt import mpi
+
+    if mpi.master_active():  # rank 0 of an mpiexec launch: the worker ranks relax, `workers` is moot
+        return MPIScheduler(settings)
     return SerialScheduler(settings) if workers == 1 else ProcessPoolScheduler(settings, workers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,8 +65,18 @@ class RelaxOutcome:
         return self.energy + self.pv
 
 
-def relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) -> RelaxOutcome:
-    """Relax positions (and the cell, under the configured pressure) until fmax or max_steps."""
+def relax(
+    atoms: Atoms,
+    calculator: Calculator,
+    settings: RelaxSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RelaxOutcome:
+    """Relax positions (and the cell, under the configured pressure) until fmax or max_steps.
+
+    ``on_step(step, energy)`` runs after every optimiser step so the caller can show life without a
+    thread (an MPI worker sends heartbeats from it) or cancel: an exception derived from BaseException
+    but not Exception propagates, while an ordinary exception is recorded as an ``error`` outcome.
+    """
     start = time.perf_counter()
     atoms = atoms.copy()
     timed = TimedCalculator(calculator)
@@ -84,6 +95,8 @@ def relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) -> Rela
             steps = optimizer.nsteps
             energy = float(atoms.get_potential_energy())
             energies.append(energy)
+            if on_step is not None:
+                on_step(steps, energy)
             failure, reason = _guard(
                 atoms, energy, n_atoms, settings, check_geometry=steps % GEOMETRY_CHECK_INTERVAL == 0
             )
