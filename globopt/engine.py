@@ -92,8 +92,9 @@ class Engine:
                 pressure_gpa=config.relax.pressure_gpa,
                 optimizer=config.relax.optimizer,
                 relax_cell=config.relax.relax_cell,
+                min_distance=self.limits.min_distance,
+                volume_per_atom_range=self.limits.volume_per_atom_range,
             ),
-            limits=self.limits,
             symprec=symprec,
         )
 

@@ -17,7 +17,6 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from globopt.candidate import Evaluation, RelaxTask, Status
-from globopt.geometry import GeometryLimits
 from surrogates.calculators import build_calculator
 from surrogates.relax import RelaxSettings, relax
 
@@ -32,8 +31,7 @@ _FAILURE_STATUS = {
 @dataclass(frozen=True)
 class EvaluatorSettings:
     potential: dict[str, Any]  # kind, model, calculator, calculator_kwargs, device
-    relax: RelaxSettings
-    limits: GeometryLimits
+    relax: RelaxSettings  # includes the geometry guards (minimum distances, volume window)
     symprec: float = 0.1
 
 
@@ -63,16 +61,7 @@ def evaluate(
     except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
         raise RuntimeError(f"cannot build the potential: {exc}") from exc
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
-    relax_settings = RelaxSettings(
-        fmax=settings.relax.fmax,
-        max_steps=settings.relax.max_steps,
-        pressure_gpa=settings.relax.pressure_gpa,
-        optimizer=settings.relax.optimizer,
-        relax_cell=settings.relax.relax_cell,
-        min_distance=settings.limits.min_distance,
-        volume_per_atom_range=settings.limits.volume_per_atom_range,
-    )
-    outcome = relax(atoms, calculator, relax_settings, on_step=on_step)
+    outcome = relax(atoms, calculator, settings.relax, on_step=on_step)
     n_atoms = len(atoms)
     result = Evaluation(
         candidate_id=task.candidate_id,

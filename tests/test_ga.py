@@ -65,33 +65,17 @@ def test_population_is_unique_best_of_archive(ga_run: Path) -> None:
     assert state["logbook"], "DEAP statistics are recorded"
 
 
+def run_ga(folder: Path, evaluations: int, out: Path, *flags: str) -> int:
+    config = emt_config(folder, name="ga", evaluations=evaluations, mode="ga", ga=GA)
+    return main(["run", str(config), "--out", str(out), *flags])
+
+
 def test_interrupted_then_resumed_ga_continues_the_same_search(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    assert (
-        main(
-            [
-                "run",
-                str(emt_config(tmp_path, name="ga", evaluations=14, mode="ga", ga=GA)),
-                "--out",
-                str(straight),
-            ]
-        )
-        == 0
-    )
+    assert run_ga(tmp_path, 14, straight) == 0
     split = tmp_path / "split"
-    assert (
-        main(
-            [
-                "run",
-                str(emt_config(tmp_path, name="ga", evaluations=8, mode="ga", ga=GA)),
-                "--out",
-                str(split),
-            ]
-        )
-        == 0
-    )
-    config = emt_config(tmp_path, name="ga", evaluations=14, mode="ga", ga=GA)
-    assert main(["run", str(config), "--out", str(split), "--resume"]) == 0
+    assert run_ga(tmp_path, 8, split) == 0
+    assert run_ga(tmp_path, 14, split, "--resume") == 0
 
     def sequence(run: Path) -> list[tuple[str, str, str]]:
         return [(r["origin"], r["status"], r["energy_per_atom"]) for r in read_results(run)]

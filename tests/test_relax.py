@@ -112,11 +112,11 @@ def test_evaluate_maps_outcomes_to_statuses() -> None:
 
     structure = AseAtomsAdaptor.get_structure(cu_cell())
     emt = {"kind": "emt", "model": "", "calculator": None, "calculator_kwargs": {}, "device": "cpu"}
-    good = evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings(), LIMITS))
+    good = evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings()))
     assert good.status is Status.RELAXED
     assert good.spacegroup == "Fm-3m" and good.spacegroup_number == 225
     assert good.enthalpy_per_atom == pytest.approx(good.energy / 4)
-    short = evaluate(RelaxTask(2, structure), EvaluatorSettings(emt, settings(max_steps=2), LIMITS))
+    short = evaluate(RelaxTask(2, structure), EvaluatorSettings(emt, settings(max_steps=2)))
     assert short.status is Status.UNCONVERGED and "after 2 steps" in short.reason
-    blown = evaluate(RelaxTask(3, structure), EvaluatorSettings(emt, settings(pressure_gpa=-40.0), LIMITS))
+    blown = evaluate(RelaxTask(3, structure), EvaluatorSettings(emt, settings(pressure_gpa=-40.0)))
     assert blown.status is Status.EXPLODED and blown.relaxed is None
