@@ -179,8 +179,11 @@ class Engine:
             self.run_dir.rewrite_results(self.archive, self.config.objectives)
             self.run_dir.write_best(self.archive, self.config.output.n_best)
             self.progress.close()
+            evaluations = self.archive.count_used_potential()
+            # Closing checkpoints the WAL into archive.sqlite now, not whenever the garbage collector runs.
+            self.archive.close()
         return RunSummary(
-            evaluations=self.archive.count_used_potential(),
+            evaluations=evaluations,
             budget=budget,
             best_id=self.best[1] if self.best else None,
             best_enthalpy_per_atom=self.best[0] if self.best else None,
