@@ -21,11 +21,13 @@ class Status(StrEnum):
     WORKER_DIED = "worker_died"  # the process relaxing it died, repeatedly
     REJECTED = "rejected"  # failed the geometry sanity check before relaxation (no potential call)
     DUPLICATE = "duplicate"  # matched an archived structure before relaxation (no potential call)
+    SKIPPED = "skipped"  # ranked below another proposal by the surrogate, not relaxed (no potential call)
+    STOPPED_EARLY = "stopped_early"  # cut short, heading above the best (projected energy in extra)
 
     @property
     def used_potential(self) -> bool:
         """Whether this outcome consumed a relaxation (and so counts against the evaluation budget)."""
-        return self not in (Status.PENDING, Status.REJECTED, Status.DUPLICATE)
+        return self not in (Status.PENDING, Status.REJECTED, Status.DUPLICATE, Status.SKIPPED)
 
 
 FINISHED_WITH_ENERGY = (Status.RELAXED, Status.UNCONVERGED)
@@ -47,6 +49,8 @@ class RelaxTask:
     candidate_id: int
     structure: Structure
     attempt: int = 1
+    # best enthalpy per atom when the task was issued: early stopping compares against it (None: off)
+    best_enthalpy_per_atom: float | None = None
 
 
 @dataclass

@@ -186,6 +186,37 @@ class AnalysisConfig(_Section):
     symprec: PositiveFloat = Field(0.1, description="spglib tolerance for the reported space group, Å")
 
 
+class EarlyStopConfig(_Section):
+    """Stop relaxations clearly heading above the best enthalpy so far (surrogates/early_stop.py).
+
+    Part of the surrogate: active when both ``surrogate.enabled`` and ``early_stop.enabled`` are true.
+    """
+
+    enabled: bool = True
+    margin: PositiveFloat = Field(
+        0.3, description="eV/atom: stop when the projected final enthalpy is this far above the current best"
+    )
+    min_steps: PositiveInt = Field(20, description="optimiser steps before a relaxation may be stopped")
+    window: PositiveInt = Field(10, description="steps per window of the energy-decay extrapolation")
+
+
+class SurrogateConfig(_Section):
+    """Gaussian-process surrogate that decides which proposals get relaxed (surrogates/gp.py)."""
+
+    enabled: bool = False
+    descriptor: Literal["rdf"] = Field("rdf", description="structure descriptor (surrogates/descriptors.py)")
+    kappa: float = Field(1.0, ge=0, description="lower confidence bound mu - kappa*sigma ranks proposals")
+    candidates_per_slot: int = Field(
+        4, ge=1, le=100, description="screened proposals drawn per free worker slot; the best LCB is relaxed"
+    )
+    min_points: int = Field(10, ge=3, description="relaxed structures before the GP starts ranking")
+    refit_every: PositiveInt = Field(10, description="new points between hyperparameter refits (at least)")
+    refit_growth: float = Field(0.1, ge=0, description="...or this fraction of the data, whichever is more")
+    sparse_above: PositiveInt = Field(1000, description="points above which the GP becomes sparse (SGPR)")
+    inducing_points: int = Field(200, ge=10, description="inducing points of the sparse GP")
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+
+
 class OutputConfig(_Section):
     n_best: PositiveInt = Field(10, description="unique lowest-energy structures written to best/")
 
@@ -212,6 +243,7 @@ class RunConfig(_Section):
     duplicates: DuplicatesConfig = Field(default_factory=DuplicatesConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
 
     @field_validator("composition", mode="before")
     @classmethod

@@ -19,6 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pymatgen.core import Structure
+
 from globopt.archive import Archive, structure_from_json
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.config import RunConfig
@@ -31,6 +33,8 @@ from globopt.rundir import RunDirectory
 from globopt.scheduler import make_scheduler
 from globopt.search import make_search
 from globopt.search.base import SearchAlgorithm, SearchExhausted
+from surrogates.acquisition import Prediction, SurrogateScreen
+from surrogates.early_stop import EarlyStopSettings
 from surrogates.relax import RelaxSettings
 
 log = logging.getLogger("globopt")
@@ -84,6 +88,18 @@ class Engine:
         )
         self.best: tuple[float, int, str | None] | None = None
         self._rebuild_indexes()
+        # -- surrogate (issue 4): rebuilt from the archive, never stored apart
+        self.surrogate: SurrogateScreen | None = None
+        self._predictions: dict[int, tuple[Prediction, object]] = {}  # pending id -> (prediction, descriptor)
+        early_stop = None
+        if config.surrogate.enabled:
+            self.surrogate = SurrogateScreen.from_config(config)
+            learned = self.surrogate.rebuild(self.archive)
+            if learned:
+                log.info("surrogate rebuilt from %d relaxed candidates in the archive", learned)
+            es = config.surrogate.early_stop
+            if es.enabled:
+                early_stop = EarlyStopSettings(margin=es.margin, min_steps=es.min_steps, window=es.window)
         self.settings = EvaluatorSettings(
             potential=config.potential.model_dump(),
             relax=RelaxSettings(
@@ -96,11 +112,13 @@ class Engine:
                 volume_per_atom_range=self.limits.volume_per_atom_range,
             ),
             symprec=symprec,
+            early_stop=early_stop,
         )
 
     def _rebuild_indexes(self) -> None:
         """Duplicate indexes and the best-so-far are derived from the archive, never stored apart."""
-        for row in self.archive.rows("WHERE status NOT IN ('rejected', 'duplicate')"):
+        # skipped proposals were never relaxed: the search may propose them again
+        for row in self.archive.rows("WHERE status NOT IN ('rejected', 'duplicate', 'skipped')"):
             self.initial_index.add(row["id"], structure_from_json(row["initial"]))
             if row["status"] == Status.RELAXED and row["duplicate_of"] is None:
                 self.relaxed_index.add(
@@ -196,7 +214,18 @@ class Engine:
 
     def _next_task(self) -> RelaxTask | None:
         """Screen one proposal; return a task to relax, or None when it was rejected (and recorded)."""
+        if self.surrogate is not None and self.surrogate.ready:
+            return self._next_task_by_surrogate()
         proposal = self.search.propose()
+        key = self._screen(proposal)
+        if key is None:
+            return None
+        candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
+        self.initial_index.add(candidate_id, proposal.structure, key=key)
+        return self._task(candidate_id, proposal.structure)
+
+    def _screen(self, proposal: Proposal) -> tuple | None:
+        """Geometry and duplicate checks; the duplicate-index key when it passes, None (recorded) if not."""
         problem = geometry_problem(proposal.structure, self.limits)
         if problem:
             self._record_screened(proposal, Status.REJECTED, problem)
@@ -208,9 +237,69 @@ class Engine:
         if match is not None:
             self._record_screened(proposal, Status.DUPLICATE, f"same structure as candidate {match}", match)
             return None
-        candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
-        self.initial_index.add(candidate_id, proposal.structure, key=key)
-        return RelaxTask(candidate_id, proposal.structure)
+        return key
+
+    def _task(self, candidate_id: int, structure) -> RelaxTask:
+        best = self.best[0] if self.best is not None and self.settings.early_stop is not None else None
+        return RelaxTask(candidate_id, structure, best_enthalpy_per_atom=best)
+
+    # -- surrogate (issue 4) -------------------------------------------------------------------------
+    def _next_task_by_surrogate(self) -> RelaxTask | None:
+        """Draw ``candidates_per_slot`` screened proposals, relax the one with the lowest LCB.
+
+        Every proposal is archived as pending first (so the search learns its id as usual); the ones not
+        chosen are then committed as ``skipped`` (no potential call, not counted against the budget) and
+        told to the search, which frees their GA slot / PSO particle. A kill in between leaves them
+        pending, and resume relaxes them: nothing is lost, at worst a few relaxations are spent.
+        """
+        wanted = self.config.surrogate.candidates_per_slot
+        batch: list[tuple[int, Structure, tuple]] = []
+        misses = 0
+        while len(batch) < wanted and misses < MAX_CONSECUTIVE_REJECTIONS // 10:
+            proposal = self.search.propose()
+            key = self._screen(proposal)
+            if key is None:
+                misses += 1
+                continue
+            misses = 0
+            candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
+            batch.append((candidate_id, proposal.structure, key))
+        if not batch:
+            return None
+        descriptors = [self.surrogate.descriptor(structure) for _, structure, _ in batch]
+        predictions = self.surrogate.rank(descriptors)
+        chosen = min(range(len(batch)), key=lambda i: (predictions[i].lcb, batch[i][0]))
+        for index, (candidate_id, _structure, _key) in enumerate(batch):
+            if index == chosen:
+                continue
+            prediction = predictions[index]
+            skipped = Evaluation(
+                candidate_id,
+                Status.SKIPPED,
+                f"surrogate LCB {prediction.lcb:.3f} eV/atom, candidate {batch[chosen][0]} ranked better "
+                f"({predictions[chosen].lcb:.3f})",
+                extra={"surrogate": prediction.as_dict()},
+            )
+            self.search.tell(candidate_id, skipped)
+            self.archive.commit_evaluation(skipped, self.search.state_dict())
+            self.run_dir.append_result(self.archive, candidate_id)
+        candidate_id, structure, key = batch[chosen]
+        self.initial_index.add(candidate_id, structure, key=key)
+        self._predictions[candidate_id] = (predictions[chosen], descriptors[chosen])
+        return self._task(candidate_id, structure)
+
+    def _learn(self, evaluation: Evaluation) -> None:
+        """Feed a finished relaxation to the surrogate (descriptor of its initial structure)."""
+        prediction, descriptor = self._predictions.pop(evaluation.candidate_id, (None, None))
+        if prediction is not None:
+            evaluation.extra["surrogate"] = prediction.as_dict()
+        if evaluation.status is not Status.RELAXED:
+            return
+        if descriptor is None:  # chosen before the surrogate was ready, or re-issued after a resume
+            descriptor = self.surrogate.descriptor(
+                structure_from_json(self.archive.row(evaluation.candidate_id)["initial"])
+            )
+        self.surrogate.learn(descriptor, evaluation.enthalpy_per_atom)
 
     def _state_after_proposal(self, candidate_id: int) -> dict:
         self.search.proposed(candidate_id)
@@ -241,6 +330,8 @@ class Engine:
                 new_best = self._update_best(
                     evaluation.enthalpy_per_atom, evaluation.candidate_id, evaluation.spacegroup
                 )
+        if self.surrogate is not None:
+            self._learn(evaluation)
         self.search.tell(evaluation.candidate_id, evaluation)
         self.archive.commit_evaluation(evaluation, self.search.state_dict(), duplicate_of, supersedes)
         self.run_dir.append_result(self.archive, evaluation.candidate_id)

@@ -18,6 +18,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from globopt.candidate import Evaluation, RelaxTask, Status
 from surrogates.calculators import build_calculator
+from surrogates.early_stop import EarlyStopper, EarlyStopSettings
 from surrogates.relax import RelaxSettings, relax
 
 _FAILURE_STATUS = {
@@ -25,6 +26,7 @@ _FAILURE_STATUS = {
     "exploded": Status.EXPLODED,
     "collapsed": Status.COLLAPSED,
     "error": Status.FAILED,
+    "stopped_early": Status.STOPPED_EARLY,
 }
 
 
@@ -33,6 +35,7 @@ class EvaluatorSettings:
     potential: dict[str, Any]  # kind, model, calculator, calculator_kwargs, device
     relax: RelaxSettings  # includes the geometry guards (minimum distances, volume window)
     symprec: float = 0.1
+    early_stop: EarlyStopSettings | None = None  # surrogate.early_stop; needs the task's best enthalpy
 
 
 def worker_label() -> str:
@@ -61,8 +64,11 @@ def evaluate(
     except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
         raise RuntimeError(f"cannot build the potential: {exc}") from exc
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
-    outcome = relax(atoms, calculator, settings.relax, on_step=on_step)
     n_atoms = len(atoms)
+    stopper = None
+    if settings.early_stop is not None and task.best_enthalpy_per_atom is not None:
+        stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, n_atoms)
+    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper)
     result = Evaluation(
         candidate_id=task.candidate_id,
         status=Status.RELAXED,
@@ -78,6 +84,8 @@ def evaluate(
         if math.isfinite(outcome.energy):
             result.energy = outcome.energy
             result.energy_per_atom = outcome.energy / n_atoms
+        if outcome.projected_enthalpy_per_atom is not None:
+            result.extra["projected_enthalpy_per_atom"] = outcome.projected_enthalpy_per_atom
         return result
     relaxed = AseAtomsAdaptor.get_structure(outcome.atoms)
     result.relaxed = relaxed

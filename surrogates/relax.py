@@ -21,6 +21,7 @@ from ase.optimize import BFGS, FIRE, LBFGS
 
 from surrogates.calculators import TimedCalculator
 from surrogates.cell_filter import FastFrechetCellFilter
+from surrogates.early_stop import EarlyStopper
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
 
@@ -55,10 +56,11 @@ class RelaxOutcome:
     n_force_calls: int
     potential_seconds: float
     seconds: float
-    failure: str | None = None  # nan | exploded | collapsed | error
+    failure: str | None = None  # nan | exploded | collapsed | error | stopped_early
     reason: str = ""
     energies: list[float] = field(default_factory=list)
     pv: float = 0.0  # pressure x volume of the final cell, eV
+    projected_enthalpy_per_atom: float | None = None  # where a stopped_early relaxation was heading
 
     @property
     def enthalpy(self) -> float:
@@ -70,12 +72,15 @@ def relax(
     calculator: Calculator,
     settings: RelaxSettings,
     on_step: Callable[[int, float], None] | None = None,
+    stopper: EarlyStopper | None = None,
 ) -> RelaxOutcome:
     """Relax positions (and the cell, under the configured pressure) until fmax or max_steps.
 
     ``on_step(step, energy)`` runs after every optimiser step so the caller can show life without a
     thread (an MPI worker sends heartbeats from it) or cancel: an exception derived from BaseException
     but not Exception propagates, while an ordinary exception is recorded as an ``error`` outcome.
+    ``stopper`` (surrogates/early_stop.py) ends a relaxation heading clearly above the best enthalpy found
+    so far as ``stopped_early``.
     """
     start = time.perf_counter()
     atoms = atoms.copy()
@@ -86,6 +91,7 @@ def relax(
     optimizer = OPTIMIZERS[settings.optimizer](target, logfile=None)
     n_atoms = len(atoms)
     energies: list[float] = []
+    enthalpies: list[float] = []
     failure: str | None = None
     reason = ""
     converged = False
@@ -102,6 +108,15 @@ def relax(
             )
             if failure or converged:
                 break
+            if stopper is not None:
+                enthalpies.append(energy + pressure * atoms.get_volume())
+                if stopper.hopeless(enthalpies):
+                    failure = "stopped_early"
+                    reason = (
+                        f"projected {stopper.projected_per_atom:.3f} eV/atom after {steps} steps, more than "
+                        f"{stopper.settings.margin} above the best {stopper.best_enthalpy_per_atom:.3f}"
+                    )
+                    break
         if not failure:
             failure, reason = _guard(atoms, float(atoms.get_potential_energy()), n_atoms, settings, True)
     except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
@@ -130,6 +145,7 @@ def relax(
         reason=reason,
         energies=energies,
         pv=pressure * final.get_volume(),
+        projected_enthalpy_per_atom=stopper.projected_per_atom if failure == "stopped_early" else None,
     )
 
 

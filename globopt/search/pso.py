@@ -639,7 +639,7 @@ class ParticleSwarmSearch(SearchAlgorithm):
             particle.stalls = 0
             if particle.pbest is None or best.enthalpy < particle.pbest.enthalpy:
                 particle.pbest = best
-        elif status in (Status.REJECTED, Status.DUPLICATE):
+        elif status in (Status.REJECTED, Status.DUPLICATE, Status.SKIPPED):
             particle.stalls += 1
             if particle.position is None or particle.stalls > MAX_STALLS:
                 particle.regenerate = True

@@ -1,0 +1,99 @@
+"""Descriptors of an *unrelaxed* structure that the surrogate uses to predict its *relaxed* enthalpy.
+
+A relaxation moves atoms by a fraction of an ångström and rescales the cell by some per cent, so what
+survives it is the local environment: which element sits next to which, and at roughly what distance.
+The default descriptor is therefore a set of element-pair radial distribution functions (partial RDFs),
+Gaussian-smeared so that small displacements change the vector smoothly (a GP with a stationary kernel
+needs that), plus the volume per atom. It is
+
+* invariant to translation, rotation, permutation of like atoms and the choice of supercell
+  (counts are normalised per atom in the cell), so symmetry-equivalent proposals look the same;
+* composition-aware (one block per unordered element pair of the run's elements), so a formula-unit
+  range or a GA permutation move that swaps species changes the vector;
+* cheap: one ASE neighbour list per structure (about a millisecond for 8 atoms), computed on the
+  master for every proposal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from ase.data import atomic_numbers
+from ase.neighborlist import neighbor_list
+from pymatgen.core import Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+DESCRIPTORS = ("rdf",)
+
+
+@dataclass(frozen=True)
+class PairRDFDescriptor:
+    """Smeared partial RDFs for every element pair of ``elements`` up to ``cutoff``, then volume/atom.
+
+    ``sigma`` is the Gaussian width in Å: wide enough that a bond shortened by a relaxation still
+    overlaps the bin it occupied before, narrow enough that first and second shells stay apart.
+    """
+
+    elements: tuple[str, ...]
+    cutoff: float = 6.0
+    n_bins: int = 30
+    sigma: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.elements:
+            raise ValueError("PairRDFDescriptor needs at least one element")
+        unknown = [el for el in self.elements if el not in atomic_numbers]
+        if unknown:
+            raise ValueError(f"unknown element symbol(s) {unknown}")
+        if self.cutoff <= 0 or self.n_bins < 2 or self.sigma <= 0:
+            raise ValueError("cutoff and sigma must be positive and n_bins >= 2")
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        ordered = sorted(set(self.elements), key=lambda el: atomic_numbers[el])
+        return [(a, b) for i, a in enumerate(ordered) for b in ordered[i:]]
+
+    @property
+    def size(self) -> int:
+        return len(self.pairs) * self.n_bins + 1
+
+    @property
+    def centres(self) -> np.ndarray:
+        return np.linspace(0.5, self.cutoff, self.n_bins)
+
+    def __call__(self, structure: Structure) -> np.ndarray:
+        """The descriptor vector (float64, length ``size``)."""
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        n_atoms = len(atoms)
+        symbols = np.array(atoms.get_chemical_symbols())
+        stray = sorted(set(symbols) - set(self.elements))
+        if stray:
+            raise ValueError(f"structure contains {stray}, not among the descriptor elements {self.elements}")
+        # a Gaussian tail of 3 sigma past the cutoff keeps the last bin smooth as neighbours cross it
+        i, j, d = neighbor_list("ijd", atoms, self.cutoff + 3 * self.sigma)
+        centres = self.centres
+        blocks = []
+        for a, b in self.pairs:
+            # each unordered pair once: i of type a, j of type b (a == b counts every bond twice, as i-j and
+            # j-i, which is fine: it is the same normalisation for every structure)
+            mask = (symbols[i] == a) & (symbols[j] == b)
+            if a != b:
+                mask |= (symbols[i] == b) & (symbols[j] == a)
+            distances = d[mask]
+            smeared = np.exp(-0.5 * ((distances[:, None] - centres[None, :]) / self.sigma) ** 2).sum(axis=0)
+            # divide by r^2 so distant shells (which hold more neighbours) do not dominate the vector
+            blocks.append(smeared / (n_atoms * centres**2))
+        volume = atoms.get_volume() / n_atoms
+        return np.concatenate([*blocks, [volume]]).astype(np.float64)
+
+    def many(self, structures: Iterable[Structure]) -> np.ndarray:
+        rows = [self(s) for s in structures]
+        return np.vstack(rows) if rows else np.zeros((0, self.size))
+
+
+def make_descriptor(kind: str, elements: Iterable[str]) -> PairRDFDescriptor:
+    if kind == "rdf":
+        return PairRDFDescriptor(tuple(elements))
+    raise ValueError(f"unknown descriptor {kind!r}; available: {', '.join(DESCRIPTORS)}")
