@@ -18,11 +18,14 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
+from globopt.htvs.settings import HtvsConfig, resolve_paths
 
 DEFAULT_MODEL = "M3GNet-MP-2021.2.8-PES"
 # Variation operators of the GA (implemented in globopt/search/operators.py).
@@ -35,6 +38,10 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# budget.evaluations of an htvs run without one: the enumeration ends the run, not the budget.
+HTVS_UNLIMITED_BUDGET = 10**9
 
 
 class BudgetConfig(_Section):
@@ -225,8 +232,10 @@ class RunConfig(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; output goes to runs/<name>"
     )
-    mode: Literal["random", "ga", "pso"] = Field("random", description="search algorithm")
-    composition: dict[str, int] = Field(description="formula string (Na4Cl4) or mapping {Na: 4, Cl: 4}")
+    mode: Literal["random", "ga", "pso", "htvs"] = Field("random", description="search algorithm")
+    composition: dict[str, int] | None = Field(
+        None, description="formula string (Na4Cl4) or mapping {Na: 4, Cl: 4}; not used by mode htvs"
+    )
     formula_units: tuple[int, int] | None = Field(
         None, description="search cells of n x composition for n in [low, high]; composition is then reduced"
     )
@@ -244,11 +253,37 @@ class RunConfig(_Section):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
+    htvs: HtvsConfig | None = Field(None, description="screening of substituted templates (mode: htvs)")
 
     @field_validator("composition", mode="before")
     @classmethod
-    def _parse_composition(cls, value: Any) -> dict[str, int]:
+    def _parse_composition(cls, value: Any, info: ValidationInfo) -> dict[str, int] | None:
+        if value is None:
+            if info.data.get("mode") != "htvs":  # a screen enumerates its compositions; a search needs one
+                raise PydanticCustomError("missing", "Field required")
+            return None
         return parse_composition(value)
+
+    @model_validator(mode="after")
+    def _mode_inputs(self) -> RunConfig:
+        """A search needs a composition; a screen needs an htvs section and enumerates its compositions."""
+        if self.mode != "htvs":
+            return self
+        if self.htvs is None:
+            raise ValueError("mode htvs needs an 'htvs' section (templates and substitutions)")
+        if self.composition is not None or self.formula_units is not None:
+            raise ValueError("mode htvs takes its compositions from htvs.templates; remove composition")
+        if "evaluations" not in self.budget.model_fields_set:
+            # A screen's natural budget is its whole enumeration; budget.evaluations caps it when given.
+            self.budget = BudgetConfig(evaluations=HTVS_UNLIMITED_BUDGET)
+        from globopt.htvs.enumeration import Enumeration
+        from surrogates.calculators import covered_elements
+
+        try:
+            Enumeration(self.htvs, covered_elements(self.potential.kind, self.potential.model))
+        except ValueError as exc:  # TemplateError, EnumerationError, PartialSubstitutionError
+            raise ValueError(f"htvs: {exc}") from None
+        return self
 
     @field_validator("formula_units", mode="before")
     @classmethod
@@ -269,7 +304,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _formula_units_fit(self) -> RunConfig:
-        if self.formula_units is None:
+        if self.formula_units is None or self.composition is None:
             return self
         if not is_reduced(self.composition):
             raise ValueError(
@@ -288,7 +323,7 @@ class RunConfig(_Section):
         from surrogates.calculators import covered_elements
 
         covered = covered_elements(self.potential.kind, self.potential.model)
-        if covered is not None:
+        if covered is not None and self.composition is not None:
             missing = [el for el in self.composition if el not in covered]
             if missing:
                 raise ValueError(
@@ -300,6 +335,8 @@ class RunConfig(_Section):
 
     @property
     def formula(self) -> str:
+        if self.composition is None:
+            return "the htvs enumeration"
         text = formula_string(self.composition)
         if self.formula_units:
             low, high = self.formula_units
@@ -308,7 +345,9 @@ class RunConfig(_Section):
 
     @property
     def cell_contents(self) -> list[dict[str, int]]:
-        """Every cell content the search may build."""
+        """Every cell content the search may build (none given up front for htvs)."""
+        if self.composition is None:
+            return []
         return cell_contents(self.composition, self.formula_units)
 
     def to_yaml(self) -> str:
@@ -328,7 +367,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(
             f"{path}: expected a mapping of keys (name, mode, composition, ...) at the top level"
         )
-    return parse_config(data, source=str(path))
+    return parse_config(resolve_paths(data, path.resolve().parent), source=str(path))
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:

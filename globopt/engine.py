@@ -26,7 +26,7 @@ from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.config import RunConfig
 from globopt.duplicates import DuplicateIndex
 from globopt.evaluation import EvaluatorSettings
-from globopt.geometry import geometry_limits, geometry_problem
+from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
 from globopt.objectives import objective_values
 from globopt.progress import Progress
 from globopt.rundir import RunDirectory
@@ -70,13 +70,24 @@ class Engine:
         self.run_dir = run
         self.progress = progress
         self.archive: Archive = run.open_archive()
-        self.limits = geometry_limits(
-            config.composition,
-            config.composition.values(),  # proportions only: the same limits hold for every cell size
-            config.checks.min_distance_factor,
-            config.checks.volume_factor_range,
-        )
-        self.search: SearchAlgorithm = make_search(config, self.limits)
+        self._limits_by_formula: dict[str, GeometryLimits] = {}
+        if config.composition is not None:
+            self.limits = geometry_limits(
+                config.composition,
+                config.composition.values(),  # proportions only: the same limits hold for every cell size
+                config.checks.min_distance_factor,
+                config.checks.volume_factor_range,
+            )
+            self.search: SearchAlgorithm = make_search(config, self.limits)
+        else:  # htvs: compositions come from the enumeration; the relax guards use an envelope over them
+            from globopt.htvs.limits import envelope_limits
+
+            self.search = make_search(config, None)
+            self.limits = envelope_limits(
+                self.search.enumeration.elements,
+                config.checks.min_distance_factor,
+                config.checks.volume_factor_range,
+            )
         state = self.archive.load_state()
         if state is not None:
             self.search.load_state_dict(state)
@@ -148,21 +159,31 @@ class Engine:
             )
         elif used:
             log.info("resuming: %d evaluations committed", used)
-        self.progress.start(total=budget, done=used, best=self.best)
+        # a finite search (htvs) may end before the budget: show progress against its size
+        total = min(budget, getattr(self.search, "size_hint", budget))
+        self.progress.start(total=total, done=used, best=self.best)
         scheduler = make_scheduler(self.settings, self.config.workers)
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         potential_seconds = relax_seconds = 0.0
+        exhausted = False
         try:
             rejections = 0
             while True:
                 while scheduler.in_flight < scheduler.capacity and (
-                    reissue or used + scheduler.in_flight < budget
+                    reissue or (not exhausted and used + scheduler.in_flight < budget)
                 ):
                     if reissue:
                         scheduler.submit(reissue.popleft())
                         continue
-                    task = self._next_task()
+                    try:
+                        task = self._next_task()
+                    except SearchExhausted as exc:
+                        if not getattr(self.search, "finite", False):
+                            raise
+                        log.info("%s", exc)  # a finite enumeration (htvs) has ended: finish in-flight work
+                        exhausted = True
+                        continue
                     if task is None:
                         rejections += 1
                         if rejections >= MAX_CONSECUTIVE_REJECTIONS:
@@ -196,6 +217,8 @@ class Engine:
             scheduler.close()
             self.run_dir.rewrite_results(self.archive, self.config.objectives)
             self.run_dir.write_best(self.archive, self.config.output.n_best)
+            if self.config.mode == "htvs":
+                self._write_screen_outputs()
             self.progress.close()
             evaluations = self.archive.count_used_potential()
             # Closing checkpoints the WAL into archive.sqlite now, not whenever the garbage collector runs.
@@ -226,7 +249,7 @@ class Engine:
 
     def _screen(self, proposal: Proposal) -> tuple | None:
         """Geometry and duplicate checks; the duplicate-index key when it passes, None (recorded) if not."""
-        problem = geometry_problem(proposal.structure, self.limits)
+        problem = geometry_problem(proposal.structure, self._limits_for(proposal))
         if problem:
             self._record_screened(proposal, Status.REJECTED, problem)
             return None
@@ -300,6 +323,30 @@ class Engine:
                 structure_from_json(self.archive.row(evaluation.candidate_id)["initial"])
             )
         self.surrogate.learn(descriptor, evaluation.enthalpy_per_atom)
+
+    def _limits_for(self, proposal: Proposal) -> GeometryLimits:
+        """The run's limits, or for htvs (no fixed composition) limits of this proposal's composition."""
+        if self.config.composition is not None:
+            return self.limits
+        structure = proposal.structure
+        formula = structure.composition.reduced_formula
+        if formula not in self._limits_by_formula:
+            from globopt.htvs.limits import composition_limits
+
+            checks = self.config.checks
+            self._limits_by_formula[formula] = composition_limits(
+                structure, checks.min_distance_factor, checks.volume_factor_range
+            )
+        return self._limits_by_formula[formula]
+
+    def _write_screen_outputs(self) -> None:
+        """ranked.csv, stable/ and hull plots; a failure here must not hide the run's own outcome."""
+        from globopt.htvs.output import write_screen_outputs
+
+        try:
+            write_screen_outputs(self.run_dir.path, self.archive, self.config)
+        except Exception:
+            log.exception("could not write the htvs outputs; `globopt report %s` retries", self.run_dir.path)
 
     def _state_after_proposal(self, candidate_id: int) -> dict:
         self.search.proposed(candidate_id)

@@ -13,8 +13,15 @@ if TYPE_CHECKING:
 __all__ = ["SearchAlgorithm", "SearchExhausted", "make_search"]
 
 
-def make_search(config: RunConfig, limits: GeometryLimits) -> SearchAlgorithm:
+def make_search(config: RunConfig, limits: GeometryLimits | None) -> SearchAlgorithm:
     """The search algorithm a run config asks for (imported lazily: each pulls in its own libraries)."""
+    if config.mode == "htvs":
+        from globopt.htvs.enumeration import Enumeration
+        from globopt.htvs.search import HtvsSearch
+        from surrogates.calculators import covered_elements
+
+        covered = covered_elements(config.potential.kind, config.potential.model)
+        return HtvsSearch(Enumeration(config.htvs, covered), config.htvs.stop_after)
     contents = config.cell_contents
     if config.mode == "random":
         from globopt.search.random_search import RandomSymmetricSearch

@@ -1,0 +1,199 @@
+"""The screen as one deterministic stream of structures, addressable by a small cursor.
+
+The stream is a list of blocks: elemental references first (the hull needs them whatever else finishes),
+then competing phases, then one block per template (and per partial-substitution ordering of it), each
+block a sequence of substitutions. A cursor ``(block, index)`` says where the stream stands; the search
+stores it with the archive, so a resumed screen continues exactly after the last stored proposal without
+re-generating what came before, and without ever holding the whole enumeration in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymatgen.core import Structure
+
+from globopt.htvs.partial import partial_orderings
+from globopt.htvs.references import elemental_reference
+from globopt.htvs.settings import HtvsConfig
+from globopt.htvs.substitutions import (
+    ExplicitSubstitutions,
+    Mapping,
+    can_be_charge_neutral,
+    describe,
+    is_injective,
+    probable_substitutions,
+    substitute,
+)
+from globopt.htvs.templates import STRUCTURE_SUFFIXES, Template, TemplateError, load_templates, read_structure
+
+
+class EnumerationError(ValueError):
+    """The screen cannot be enumerated as configured (unknown element, no reference structure, ...)."""
+
+
+@dataclass
+class Item:
+    """One structure of the stream, or the reason it is skipped (``structure`` None)."""
+
+    origin: str
+    structure: Structure | None
+    skipped: str = ""
+
+
+class FixedBlock:
+    """A short list of ready structures (elemental references, competing phases)."""
+
+    def __init__(self, prefix: str, entries: list[tuple[str, Structure]]) -> None:
+        self.prefix = prefix
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def item(self, index: int) -> Item:
+        name, structure = self.entries[index]
+        return Item(f"{self.prefix}:{name}", structure)
+
+    def fingerprint(self) -> str:
+        return f"{self.prefix}:{','.join(name for name, _ in self.entries)}"
+
+
+class TemplateBlock:
+    """Every substitution of one template: the explicit combinations, then data-mined extras."""
+
+    def __init__(
+        self,
+        template: Template,
+        explicit: ExplicitSubstitutions,
+        probable: list[tuple[Mapping, float]],
+        config: HtvsConfig,
+    ) -> None:
+        self.template = template
+        self.explicit = explicit
+        self.probable = [(m, p) for m, p in probable if m not in explicit]
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.explicit) + len(self.probable)
+
+    def mapping(self, index: int) -> tuple[Mapping, str]:
+        if index < len(self.explicit):
+            return self.explicit[index], ""
+        mapping, probability = self.probable[index - len(self.explicit)]
+        return mapping, f" p={probability:.3g}"
+
+    def item(self, index: int) -> Item:
+        mapping, note = self.mapping(index)
+        origin = f"htvs:{self.template.name}:{describe(mapping)}"
+        if not is_injective(mapping):
+            return Item(origin, None, "two site-sets would get the same element")
+        structure = substitute(self.template.structure, mapping, self.config.scale_volume)
+        if self.config.charge_neutral and not can_be_charge_neutral(structure.composition.reduced_formula):
+            return Item(origin, None, "no charge-neutral oxidation states")
+        return Item(origin + note if note else origin, structure)
+
+    def elements(self) -> set[str]:
+        return self.explicit.elements() | {el for m, _ in self.probable for el in m.values()}
+
+    def fingerprint(self) -> str:
+        return f"{self.template.name}:{self.template.structure.composition.formula}:{len(self)}"
+
+
+class Enumeration:
+    """Blocks of the screen, built once from the config (templates read, rules expanded per template)."""
+
+    def __init__(self, config: HtvsConfig, covered: frozenset[str] | None = None) -> None:
+        self.config = config
+        templates = load_templates(config.templates, config.max_atoms)
+        templates = templates + self._partial_templates(templates)
+        self.template_blocks = [self._template_block(t) for t in templates]
+        competing, self.competing_entries_files = _competing_structures(config.competing_phases)
+        self.competing_block = FixedBlock("competing", competing)
+        elements = set().union(*(b.elements() for b in self.template_blocks))
+        elements |= {el.symbol for _, s in competing for el in s.composition.elements}
+        unknown = sorted(el for el in elements if covered is not None and el not in covered)
+        if unknown:
+            raise EnumerationError(
+                f"element(s) {', '.join(unknown)} in templates/substitutions are not covered by the potential"
+            )
+        self.elements = sorted(elements)
+        references = []
+        if config.elemental_references:
+            missing = []
+            for symbol in self.elements:
+                structure = elemental_reference(symbol)
+                if structure is None:
+                    missing.append(symbol)
+                else:
+                    references.append((symbol, structure))
+            if missing:
+                raise EnumerationError(
+                    f"no bundled elemental reference structure for {', '.join(missing)}; give one as a CIF "
+                    f"in htvs.competing_phases and set htvs.elemental_references: false"
+                )
+        self.reference_block = FixedBlock("reference", references)
+        self.blocks: list[FixedBlock | TemplateBlock] = [
+            self.reference_block,
+            self.competing_block,
+            *self.template_blocks,
+        ]
+
+    def _partial_templates(self, templates: list[Template]) -> list[Template]:
+        extra = []
+        for spec in self.config.partial:
+            for template in templates:
+                for label, structure in partial_orderings(template.structure, spec, self.config.max_atoms):
+                    extra.append(Template(f"{template.name}+{label}", structure, template.substitutions))
+        return extra
+
+    def _template_block(self, template: Template) -> TemplateBlock:
+        rules = template.substitutions if template.substitutions is not None else self.config.substitutions
+        explicit = ExplicitSubstitutions(template.species, rules, self.config.keep_original)
+        probable: list[tuple[Mapping, float]] = []
+        if self.config.probability is not None:
+            p = self.config.probability
+            probable = probable_substitutions(template.structure, p.threshold, p.max_per_template)
+        return TemplateBlock(template, explicit, probable, self.config)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    def n_substitutions(self) -> int:
+        return sum(len(b) for b in self.template_blocks)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Changes when templates or rules change, so a resume cannot continue a different enumeration."""
+        text = "|".join(b.fingerprint() for b in self.blocks)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def item(self, block: int, index: int) -> Item:
+        return self.blocks[block].item(index)
+
+
+def _competing_structures(paths: Sequence[str]) -> tuple[list[tuple[str, Structure]], list[Path]]:
+    """Structures to relax from CIF/POSCAR files and folders; JSON files are entry lists used as given."""
+    structures: list[tuple[str, Structure]] = []
+    entry_files: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.suffix.lower() == ".json":
+            if not path.is_file():
+                raise TemplateError(f"competing-phase entries file {path} does not exist")
+            entry_files.append(path)
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in STRUCTURE_SUFFIXES)
+            structures += [(p.stem, read_structure(p)) for p in files]
+        elif path.is_file():
+            structures.append((path.stem, read_structure(path)))
+        else:
+            raise TemplateError(f"competing phase {path} does not exist")
+    for name, structure in structures:
+        if not structure.is_ordered:
+            raise TemplateError(f"competing phase {name} has partial occupancies; give an ordered structure")
+    return structures, entry_files

@@ -1,0 +1,154 @@
+"""Stability of screened structures: formation energy and energy above the convex hull.
+
+Every energy on a hull comes from the same potential: elemental references and competing phases are
+relaxed in the same run as the candidates (origins ``reference:*``, ``competing:*``); a user-supplied
+entries JSON is taken as given and must hold energies from the same potential. Each candidate is placed on
+the hull of its own chemical system (all relaxed entries whose elements are a subset of its elements),
+which keeps every pymatgen ``PhaseDiagram`` low-dimensional however many elements the screen spans.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition
+
+from globopt.archive import Archive
+from globopt.candidate import Status
+
+
+@dataclass
+class ScreenedCandidate:
+    """One enumerated structure of the screen, as ranked.csv reports it."""
+
+    id: int
+    template: str
+    substitution: str
+    formula: str
+    status: str
+    energy_per_atom: float | None = None
+    formation_energy_per_atom: float | None = None
+    e_above_hull: float | None = None
+    spacegroup: str | None = None
+    duplicate_of: int | None = None
+    note: str = ""
+
+    @property
+    def chemsys(self) -> str:
+        return "-".join(sorted(el.symbol for el in Composition(self.formula).elements))
+
+
+def parse_origin(origin: str) -> tuple[str, str, str]:
+    """('htvs'|'reference'|'competing', template or name, substitution) from an archive origin."""
+    kind, _, rest = origin.partition(":")
+    if kind != "htvs":
+        return kind, rest, ""
+    template, _, substitution = rest.rpartition(":")
+    return kind, template, substitution
+
+
+class StabilityAnalysis:
+    """Hulls of every chemical system the screen touched, built from the archive on demand."""
+
+    def __init__(self, archive: Archive, entries_files: Iterable[Path] = ()) -> None:
+        self.entries: list[PDEntry] = []
+        self.candidates: list[ScreenedCandidate] = []
+        self.kinds: dict[int, str] = {}
+        by_id: dict[int, ScreenedCandidate] = {}
+        for row in archive.rows("WHERE status != 'pending'"):
+            kind, template, substitution = parse_origin(row["origin"])
+            self.kinds[row["id"]] = kind
+            relaxed = row["status"] == Status.RELAXED
+            if relaxed:
+                energy = row["enthalpy_per_atom"] * row["n_atoms"]  # the energy at the run's pressure
+                label = template if kind != "htvs" else f"{row['formula']} ({template})"
+                self.entries.append(
+                    PDEntry(Composition(row["formula"]), energy, name=label, attribute=row["id"])
+                )
+            if kind != "htvs":
+                continue
+            candidate = ScreenedCandidate(
+                id=row["id"],
+                template=template,
+                substitution=substitution.split(" ")[0],
+                formula=Composition(row["formula"]).reduced_formula,
+                status=row["status"],
+                energy_per_atom=row["enthalpy_per_atom"] if relaxed else None,
+                spacegroup=row["spacegroup"],
+                duplicate_of=row["duplicate_of"],
+                note=row["reason"] or "",
+            )
+            self.candidates.append(candidate)
+            by_id[candidate.id] = candidate
+        for path in entries_files:
+            self.entries.extend(_load_entries(path))
+        self._place_on_hulls(by_id)
+
+    def _place_on_hulls(self, by_id: dict[int, ScreenedCandidate]) -> None:
+        entry_of = {e.attribute: e for e in self.entries if isinstance(e.attribute, int)}
+        for candidate in self.candidates:
+            entry = entry_of.get(candidate.id)
+            if entry is None:
+                continue
+            diagram = self.diagram(candidate.chemsys)
+            if isinstance(diagram, str):
+                candidate.note = diagram
+                continue
+            candidate.formation_energy_per_atom = float(diagram.get_form_energy_per_atom(entry))
+            candidate.e_above_hull = float(diagram.get_e_above_hull(entry))
+        for candidate in self.candidates:  # a duplicate before relaxation shares its original's result
+            original = by_id.get(candidate.duplicate_of) if candidate.status == Status.DUPLICATE else None
+            if original is not None and original.e_above_hull is not None:
+                candidate.energy_per_atom = original.energy_per_atom
+                candidate.formation_energy_per_atom = original.formation_energy_per_atom
+                candidate.e_above_hull = original.e_above_hull
+                candidate.spacegroup = original.spacegroup
+
+    @functools.cache  # noqa: B019 - one analysis per report, cache dies with it
+    def diagram(self, chemsys: str) -> PhaseDiagram | str:
+        """The hull of a chemical system, or why there is none (a missing elemental reference)."""
+        elements = set(chemsys.split("-"))
+        pool = [e for e in self.entries if {el.symbol for el in e.composition.elements} <= elements]
+        present = {e.composition.elements[0].symbol for e in pool if len(e.composition.elements) == 1}
+        missing = sorted(elements - present)
+        if missing:
+            return f"no relaxed elemental reference for {', '.join(missing)}: no hull"
+        return PhaseDiagram(pool)
+
+    def ranked(self) -> list[ScreenedCandidate]:
+        """Most stable first; candidates without a hull position last, in enumeration order."""
+        return sorted(
+            self.candidates,
+            key=lambda c: (
+                c.e_above_hull is None,
+                c.e_above_hull if c.e_above_hull is not None else 0.0,
+                c.formation_energy_per_atom if c.formation_energy_per_atom is not None else 0.0,
+                c.id,
+            ),
+        )
+
+    def chemical_systems(self) -> list[str]:
+        return sorted({c.chemsys for c in self.candidates if c.e_above_hull is not None})
+
+
+def _load_entries(path: Path) -> list[PDEntry]:
+    """Entries (pymatgen ComputedEntry / PDEntry dicts, as a list or under 'entries') from a JSON file."""
+    from monty.serialization import loadfn
+
+    data = loadfn(path)
+    if isinstance(data, dict) and "entries" in data:
+        data = data["entries"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of pymatgen entries")
+    entries = []
+    for item in data:
+        if not hasattr(item, "composition") or not hasattr(item, "energy"):
+            raise ValueError(f"{path}: {item!r} is not a pymatgen entry (needs composition and energy)")
+        entries.append(
+            PDEntry(item.composition, item.energy, name=f"{item.composition.reduced_formula} ({path.name})")
+        )
+    return entries
