@@ -104,6 +104,19 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
         text += ["![convergence](convergence.png)", ""]
         summary.write_text("\n".join(text))
         files.append(summary)
+        files += _screen_outputs(path, archive)
         return files
     finally:
         archive.close()
+
+
+def _screen_outputs(path: Path, archive: Archive) -> list[Path]:
+    """An htvs run's ranked.csv, stable/ and hull plots, regenerated from the archive."""
+    from globopt.config import load_config
+
+    config = load_config(path / "config.yaml")
+    if config.mode != "htvs":
+        return []
+    from globopt.htvs.output import write_screen_outputs
+
+    return write_screen_outputs(path, archive, config)

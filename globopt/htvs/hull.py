@@ -18,7 +18,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition
 
 from globopt.archive import Archive
-from globopt.candidate import Status
+from globopt.candidate import FINISHED_WITH_ENERGY, Status
 
 
 @dataclass
@@ -62,7 +62,9 @@ class StabilityAnalysis:
         for row in archive.rows("WHERE status != 'pending'"):
             kind, template, substitution = parse_origin(row["origin"])
             self.kinds[row["id"]] = kind
-            relaxed = row["status"] == Status.RELAXED
+            # An unconverged relaxation still gives an upper bound on the energy: it may stand on a hull
+            # (its status says so in ranked.csv) rather than leave a chemical system without a reference.
+            relaxed = row["status"] in FINISHED_WITH_ENERGY and row["enthalpy_per_atom"] is not None
             if relaxed:
                 energy = row["enthalpy_per_atom"] * row["n_atoms"]  # the energy at the run's pressure
                 label = template if kind != "htvs" else f"{row['formula']} ({template})"

@@ -17,10 +17,13 @@ def elemental_reference(symbol: str) -> Structure | None:
     from ase.collections import dcdft
 
     if symbol in dcdft.names:
-        return AseAtomsAdaptor.get_structure(dcdft[symbol])
-    from ase.build import bulk
+        structure = AseAtomsAdaptor.get_structure(dcdft[symbol])
+    else:
+        from ase.build import bulk
 
-    try:
-        return AseAtomsAdaptor.get_structure(bulk(symbol))
-    except (ValueError, KeyError, NotImplementedError):
-        return None
+        try:
+            structure = AseAtomsAdaptor.get_structure(bulk(symbol))
+        except (ValueError, KeyError, NotImplementedError):
+            return None
+    # primitive cell: several dcdft cells are conventional (Ga, Cl2, ...) and cost twice the relaxation
+    return structure.get_primitive_structure()
