@@ -1,4 +1,4 @@
-"""Command line: globopt run | resume | validate | status | report.
+"""Command line: globopt run | resume | validate | status | report | benchmark.
 
 Exit codes: 0 success, 2 the user must fix something (config, run directory, model), 1 an internal
 error, 130 interrupted (the run can be resumed).
@@ -70,6 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, help="folder for the report (default: RUN_DIR/report)")
     report.set_defaults(handler=_cmd_report)
+
+    from globopt.cli_generator import add_generator_commands
+
+    add_generator_commands(commands)
+
+    bench = commands.add_parser(
+        "benchmark", help="CSP success rate of search modes on a suite of known structures"
+    )
+    bench.add_argument("suite", type=Path, help="suite YAML, e.g. benchmarks/suites/standard.yaml")
+    bench.add_argument("--modes", nargs="+", help="random, ga, pso, ase-ga (default: the suite's)")
+    bench.add_argument("--seeds", nargs="+", type=int, help="default: the suite's")
+    bench.add_argument("--budget", type=int, help="relaxations per search (default: the suite's)")
+    bench.add_argument("--structures", nargs="+", help="only these entries of the suite")
+    bench.add_argument(
+        "--population", type=int, help="GA population (and initial random set) and PSO swarm size"
+    )
+    bench.add_argument("--jobs", type=int, default=1, help="searches run side by side (processes)")
+    bench.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<suite name>)")
+    bench.set_defaults(handler=_cmd_benchmark)
     return parser
 
 
@@ -205,6 +224,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
     for path in files:
         print(path)
+    return EXIT_OK
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from globopt.benchmark.harness import BenchmarkOptions, run_benchmark
+    from globopt.benchmark.reference import ReferenceError
+    from globopt.config import ConfigError
+    from globopt.rundir import RunDirError
+    from surrogates.calculators import PotentialUnavailableError
+    from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = BenchmarkOptions(
+        modes=args.modes, seeds=args.seeds, budget=args.budget, structures=args.structures, jobs=args.jobs,
+        population=args.population,
+        command=" ".join(["globopt", *(sys.argv[1:] if sys.argv[1:2] == ["benchmark"] else ["benchmark"])]),
+    )  # fmt: skip
+    out = args.out or Path("benchmarks") / "results" / args.suite.stem
+    try:
+        json_path, md_path, _ = run_benchmark(args.suite, out, options, echo=lambda s: print(s, flush=True))
+    except (
+        ConfigError,
+        RunDirError,
+        ReferenceError,
+        PotentialUnavailableError,
+        ModelNotFoundError,
+        ModelLoadError,
+    ) as exc:
+        raise _UserError(str(exc)) from None
+    print(md_path.read_text())
+    print(f"written: {json_path} {md_path}")
     return EXIT_OK
 
 

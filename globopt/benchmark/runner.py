@@ -1,0 +1,156 @@
+"""Run every (structure, mode, seed) of a suite and collect per-run results.
+
+Each globopt search goes through the normal engine into its own run directory under ``OUT/runs/``, so a
+benchmark run is made of ordinary, inspectable, resumable runs: `globopt report OUT/runs/NaCl-ga-s0` works,
+and re-running the same benchmark command resumes unfinished searches and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pymatgen.core import Structure
+
+from globopt.benchmark.hits import EvaluatedStructure, FirstHit, first_hit
+
+log = logging.getLogger("globopt.benchmark")
+
+
+@dataclass
+class SearchJob:
+    """Everything one search needs; plain data so it can be sent to a worker process."""
+
+    entry: str
+    mode: str
+    seed: int
+    budget: int
+    composition: dict[str, int]
+    potential: dict[str, Any]
+    search: dict[str, Any]  # extra run-config keys (ga:, pso:, relax:, ...)
+    run_dir: str
+    reference: dict[str, Any]  # relaxed reference structure (pymatgen dict)
+    reference_energy: float
+    hit_tolerance: float
+    torch_threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry}-{self.mode}-s{self.seed}"
+
+
+def run_jobs(jobs: list[SearchJob], n_parallel: int) -> Iterator[dict[str, Any]]:
+    """Results in completion order; in-process for one job at a time (one model load for all searches)."""
+    if n_parallel <= 1:
+        for job in jobs:
+            yield run_search(job)
+        return
+    with multiprocessing.get_context("spawn").Pool(n_parallel) as pool:
+        yield from pool.imap_unordered(run_search, jobs)
+
+
+def run_search(job: SearchJob) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(job.torch_threads)
+    started = time.perf_counter()
+    if job.mode == "ase-ga":
+        from globopt.benchmark.ase_ga_baseline import run_ase_ga
+
+        evaluations, start_time, best = run_ase_ga(job)
+    else:
+        evaluations, start_time, best = _run_globopt(job)
+    reference = Structure.from_dict(job.reference)
+    hit = first_hit(evaluations, reference, job.reference_energy, job.hit_tolerance, start_time)
+    return _result(job, hit, len(evaluations), best, time.perf_counter() - started)
+
+
+def _result(
+    job: SearchJob, hit: FirstHit | None, n_evaluations: int, best: float | None, wall: float
+) -> dict[str, Any]:
+    return {
+        "entry": job.entry,
+        "mode": job.mode,
+        "seed": job.seed,
+        "budget": job.budget,
+        "evaluations": n_evaluations,
+        "hit": hit is not None,
+        "evaluations_to_hit": hit.evaluations if hit else None,
+        "seconds_to_hit": hit.seconds if hit else None,
+        "best_energy_per_atom": best,
+        "reference_energy_per_atom": job.reference_energy,
+        "wall_seconds": wall,
+        "run_dir": job.run_dir,
+    }
+
+
+def globopt_config(job: SearchJob) -> dict[str, Any]:
+    return {
+        **job.search,
+        "name": job.label,
+        "mode": job.mode,
+        "composition": job.composition,
+        "seed": job.seed,
+        "budget": {"evaluations": job.budget},
+        "potential": job.potential,
+    }
+
+
+def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float | None]:
+    """Run (or resume, or reuse) the search's run directory, then read its evaluations back."""
+    from globopt.archive import structure_from_json
+    from globopt.candidate import Status
+    from globopt.config import parse_config
+    from globopt.engine import Engine
+    from globopt.progress import Progress
+    from globopt.rundir import RunDirectory
+
+    config = parse_config(globopt_config(job), source=f"benchmark search {job.label}")
+    path = Path(job.run_dir)
+    if (path / "archive.sqlite").exists():
+        run, config = RunDirectory.open_existing(path, config)
+    else:
+        run = RunDirectory.create(path, config)
+    try:
+        summary = Engine(config, run, Progress(False)).run()
+    finally:
+        run.release_lock()
+    if summary.interrupted:
+        raise KeyboardInterrupt(f"benchmark search {job.label} interrupted")
+    archive = run.open_archive()
+    try:
+        used = tuple(s.value for s in Status if s.used_potential)
+        rows = [r for r in archive.rows() if r["status"] in used]
+        started = min((r["created_at"] for r in archive.rows()), default=time.time())
+        evaluations = [
+            EvaluatedStructure(
+                structure_from_json(r["relaxed"]) if r["status"] == Status.RELAXED else None,
+                r["enthalpy_per_atom"] if r["status"] == Status.RELAXED else None,
+                r["finished_at"],
+            )
+            for r in sorted(rows, key=lambda r: (r["finished_at"], r["id"]))
+        ]
+    finally:
+        archive.close()
+    return evaluations, started, summary.best_enthalpy_per_atom
+
+
+def job_summary_line(result: dict[str, Any]) -> str:
+    outcome = (
+        f"hit at evaluation {result['evaluations_to_hit']} ({result['seconds_to_hit']:.0f} s)"
+        if result["hit"]
+        else "no hit"
+    )
+    best = result["best_energy_per_atom"]
+    return (
+        f"{result['entry']:8s} {result['mode']:6s} seed {result['seed']}: {outcome}; best "
+        f"{best:.4f} eV/atom vs reference {result['reference_energy_per_atom']:.4f}"
+        if best is not None
+        else f"{result['entry']:8s} {result['mode']:6s} seed {result['seed']}: no relaxed structure"
+    )

@@ -1,0 +1,220 @@
+"""A benchmark suite: known crystal structures written as space group + lattice + Wyckoff positions (or CIF).
+
+Why symmetry data rather than copied CIFs: a prototype is fully described by its space group, a few lattice
+parameters and the Wyckoff coordinates, which are textbook facts; pymatgen expands them into the cell. The
+lattice constants only need to be close, because every structure is relaxed with the benchmark potential
+before it becomes the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pymatgen.core import Lattice, Structure
+from pymatgen.symmetry.groups import SpaceGroup
+
+from globopt.composition import MAX_ATOMS
+from globopt.config import ConfigError, PotentialConfig
+
+SEARCH_MODES = ("random", "ga", "pso", "ase-ga")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StructureSpec(_Strict):
+    """One known structure: ``cif`` (path relative to the suite file) or space group + lattice + sites."""
+
+    cif: str | None = None
+    spacegroup: str | int | None = Field(None, description="Hermann-Mauguin symbol (Fm-3m) or number")
+    lattice: dict[str, float] | None = Field(None, description="a [, b, c, alpha, beta, gamma]; Å, degrees")
+    species: list[str] | None = None
+    coords: list[tuple[float, float, float]] | None = Field(None, description="one Wyckoff site per species")
+    cell: Literal["primitive", "conventional"] = Field(
+        "primitive", description="cell searched and matched: the primitive cell (default) or the conventional"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> StructureSpec:
+        if self.cif is not None:
+            if any(v is not None for v in (self.spacegroup, self.lattice, self.species, self.coords)):
+                raise ValueError("give either cif or spacegroup/lattice/species/coords, not both")
+            return self
+        missing = [k for k in ("spacegroup", "lattice", "species", "coords") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (or give cif: PATH)")
+        if len(self.species) != len(self.coords):
+            raise ValueError(f"{len(self.species)} species but {len(self.coords)} coords; give one per site")
+        unknown = sorted(set(self.lattice) - {"a", "b", "c", "alpha", "beta", "gamma"})
+        if unknown or "a" not in self.lattice:
+            raise ValueError(f"lattice needs a (and optionally b, c, alpha, beta, gamma); got {self.lattice}")
+        return self
+
+
+class PolymorphSpec(StructureSpec):
+    name: str = Field(description="label, e.g. 'anatase'")
+
+
+class EntrySpec(StructureSpec):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="label used in run directories")
+    prototype: str = Field("", description="structure type, e.g. 'rock salt'")
+    polymorphs: list[PolymorphSpec] = Field(
+        default_factory=list,
+        description="other known polymorphs of the same composition; the lowest relaxed one is the reference",
+    )
+
+
+class SuiteSpec(_Strict):
+    name: str
+    description: str = ""
+    budget: PositiveInt = Field(40, description="evaluations (relaxations) per search")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    modes: list[str] = Field(default_factory=lambda: ["random", "ga", "pso"])
+    potential: dict[str, Any] = Field(default_factory=lambda: {"kind": "matgl"})
+    search: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra run-config keys for every search (ga:, pso:, relax:, checks:, ...)",
+    )
+    reference_fmax: PositiveFloat = Field(0.01, description="eV/Å for relaxing the known structures")
+    reference_max_steps: PositiveInt = 1000
+    hit_tolerance: PositiveFloat = Field(0.001, description="eV/atom above the reference that still counts")
+    structures: list[EntrySpec]
+
+    @field_validator("potential")
+    @classmethod
+    def _valid_potential(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Same keys and defaults as a run config's potential section, so searches and references agree."""
+        return PotentialConfig.model_validate(value).model_dump()
+
+    @model_validator(mode="after")
+    def _check(self) -> SuiteSpec:
+        bad = [m for m in self.modes if m not in SEARCH_MODES]
+        if bad:
+            raise ValueError(f"modes: unknown {bad}; allowed: {', '.join(SEARCH_MODES)}")
+        names = [e.name for e in self.structures]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"structures: names must be unique, repeated: {', '.join(repeated)}")
+        if not self.structures:
+            raise ValueError("structures: the suite lists no structure")
+        return self
+
+
+@dataclass
+class Entry:
+    """A suite entry with its structures built (unrelaxed)."""
+
+    name: str
+    prototype: str
+    structure: Structure
+    polymorphs: dict[str, Structure] = field(default_factory=dict)
+
+    @property
+    def composition(self) -> dict[str, int]:
+        """Cell content the search looks for: the entry's cell (primitive unless asked otherwise)."""
+        return {el.symbol: int(n) for el, n in self.structure.composition.items()}
+
+
+@dataclass
+class Suite:
+    spec: SuiteSpec
+    entries: list[Entry]
+    source: Path
+
+    def select(self, names: list[str] | None) -> list[Entry]:
+        if not names:
+            return self.entries
+        known = {e.name: e for e in self.entries}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: no structure named {', '.join(unknown)}; the suite has {', '.join(known)}"
+            )
+        return [known[n] for n in names]
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file and build its structures; ConfigError names every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"benchmark suite {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with name, structures, ... at the top level")
+    try:
+        spec = SuiteSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"'{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()]
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{path}: {len(problems)} problem(s):\n{listing}") from None
+    entries = []
+    for entry in spec.structures:
+        where = f"{path}: structure {entry.name}"
+        structure = build_structure(entry, path.parent, where)
+        polymorphs = {}
+        for poly in entry.polymorphs:
+            built = build_structure(poly, path.parent, f"{where}, polymorph {poly.name}")
+            if built.composition.reduced_composition != structure.composition.reduced_composition:
+                raise ConfigError(
+                    f"{where}, polymorph {poly.name}: composition {built.composition.reduced_formula} "
+                    f"differs from {structure.composition.reduced_formula}"
+                )
+            polymorphs[poly.name] = built
+        entries.append(Entry(entry.name, entry.prototype, structure, polymorphs))
+    return Suite(spec, entries, path)
+
+
+def build_structure(spec: StructureSpec, folder: Path, where: str) -> Structure:
+    """The cell described by ``spec`` (primitive unless ``cell: conventional``), with a size check."""
+    try:
+        if spec.cif is not None:
+            cif = folder / spec.cif
+            if not cif.is_file():
+                raise ConfigError(f"{where}: CIF file {cif} does not exist")
+            structure = Structure.from_file(cif)
+        else:
+            lattice = _lattice(spec.spacegroup, spec.lattice)
+            structure = Structure.from_spacegroup(spec.spacegroup, lattice, spec.species, spec.coords)
+    except ConfigError:
+        raise
+    except Exception as exc:  # pymatgen raises ValueError/KeyError/... for bad symmetry data
+        raise ConfigError(f"{where}: cannot build the structure: {exc}") from exc
+    if spec.cell == "primitive":
+        structure = structure.get_primitive_structure()
+    if not 1 <= len(structure) <= MAX_ATOMS:
+        raise ConfigError(f"{where}: {len(structure)} atoms in the cell; 1..{MAX_ATOMS} allowed")
+    return structure
+
+
+def _lattice(spacegroup: str | int, params: dict[str, float]) -> Lattice:
+    """Fill the parameters the crystal system fixes (b=a for tetragonal, gamma=120 for hexagonal, ...)."""
+    system = (
+        SpaceGroup.from_int_number(spacegroup).crystal_system
+        if isinstance(spacegroup, int)
+        else (SpaceGroup(spacegroup).crystal_system)
+    )
+    a = params["a"]
+    defaults = {"b": a, "c": a, "alpha": 90.0, "beta": 90.0, "gamma": 90.0}
+    if system in ("hexagonal", "trigonal"):
+        defaults["gamma"] = 120.0
+    values = {**defaults, **params}
+    return Lattice.from_parameters(
+        values["a"], values["b"], values["c"], values["alpha"], values["beta"], values["gamma"]
+    )
