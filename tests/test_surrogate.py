@@ -1,0 +1,228 @@
+"""GP surrogate: descriptors, regression quality on real (EMT) energies, LCB screening in the engine,
+skipped / stopped_early bookkeeping, and resume rebuilding the surrogate from the archive."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from helpers import emt_config, read_results
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from globopt.candidate import RelaxTask, Status
+from globopt.cli import main
+from globopt.config import ConfigError, PotentialConfig, parse_config
+from globopt.evaluation import EvaluatorSettings, evaluate
+from surrogates.descriptors import PairRDFDescriptor
+from surrogates.early_stop import EarlyStopSettings, projected_final
+from surrogates.gp import GPSettings, GPSurrogate, fit_sizes
+from surrogates.relax import RelaxSettings
+
+GA = {"population_size": 6, "initial_random": 6}
+SURROGATE = {"enabled": True, "min_points": 5, "candidates_per_slot": 3}
+DESCRIBE = PairRDFDescriptor(("Cu", "Au"))
+EMT_POTENTIAL = PotentialConfig(kind="emt").model_dump()
+
+
+def random_cuau(rng: np.random.Generator) -> Structure:
+    """A Cu2Au2 cell: fcc sites with random species order, strain and displacements (no pair below 2.1 Å)."""
+    sites = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    while True:
+        strain = np.eye(3) + rng.normal(0, 0.08, (3, 3))
+        lattice = Lattice(3.9 * strain)
+        species = list(rng.permutation(["Cu", "Cu", "Au", "Au"]))
+        structure = Structure(lattice, species, sites + rng.normal(0, 0.07, (4, 3)))
+        if structure.distance_matrix[np.triu_indices(4, 1)].min() > 2.1:
+            return structure
+
+
+def emt_energy_per_atom(structure: Structure) -> float:
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    atoms.calc = EMT()
+    return atoms.get_potential_energy() / len(atoms)
+
+
+@pytest.fixture(scope="module")
+def cuau_data() -> tuple[np.ndarray, np.ndarray, list[Structure]]:
+    rng = np.random.default_rng(0)
+    structures = [random_cuau(rng) for _ in range(130)]
+    energies = np.array([emt_energy_per_atom(s) for s in structures])
+    return DESCRIBE.many(structures), energies, structures
+
+
+# -- descriptors ------------------------------------------------------------------------------------------
+def test_descriptor_is_invariant_to_supercell_permutation_and_rotation() -> None:
+    structure = random_cuau(np.random.default_rng(1))
+    reference = DESCRIBE(structure)
+    assert reference.shape == (DESCRIBE.size,) and np.all(np.isfinite(reference))
+    assert np.allclose(DESCRIBE(structure * (2, 1, 1)), reference, atol=1e-8)
+    permuted = Structure.from_sites([structure[i] for i in (3, 1, 2, 0)])
+    assert np.allclose(DESCRIBE(permuted), reference, atol=1e-8)
+    rotated = structure.copy()
+    rotated.apply_operation(_rotation_about_z(0.7))
+    assert np.allclose(DESCRIBE(rotated), reference, atol=1e-8)
+    swapped = structure.copy()
+    swapped.replace_species({"Cu": "Au", "Au": "Cu"})
+    assert not np.allclose(DESCRIBE(swapped), reference), "the descriptor must see which element is where"
+
+
+def _rotation_about_z(angle: float):
+    from pymatgen.core.operations import SymmOp
+
+    return SymmOp.from_axis_angle_and_translation((0, 0, 1), angle, angle_in_radians=True)
+
+
+def test_descriptor_rejects_foreign_elements() -> None:
+    nacl = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(ValueError, match="not among the descriptor elements"):
+        DESCRIBE(nacl)
+
+
+# -- GP ---------------------------------------------------------------------------------------------------
+def test_gp_beats_the_mean_on_real_energies_and_sigma_is_calibrated(cuau_data) -> None:
+    x, y, _ = cuau_data
+    gp = GPSurrogate(GPSettings(min_points=10))
+    for row, energy in zip(x[:100], y[:100], strict=True):
+        gp.add(row, energy)
+    mu, sigma = gp.predict(x[100:])
+    mae = np.abs(mu - y[100:]).mean()
+    baseline = np.abs(y[:100].mean() - y[100:]).mean()
+    assert mae < 0.4 * baseline, f"GP MAE {mae:.3f} vs predicting the mean {baseline:.3f} eV/atom"
+    within_2_sigma = np.mean(np.abs(mu - y[100:]) <= 2 * sigma)
+    assert within_2_sigma >= 0.75, f"only {within_2_sigma:.0%} of held-out errors within 2 sigma"
+
+
+def test_sigma_grows_away_from_the_data(cuau_data) -> None:
+    x, y, structures = cuau_data
+    gp = GPSurrogate(GPSettings(min_points=10))
+    for row, energy in zip(x[:80], y[:80], strict=True):
+        gp.add(row, energy)
+    _, sigma_seen = gp.predict(x[:5])
+    far = structures[0].copy()
+    far.scale_lattice(far.volume * 3.0)  # a dilute gas of the same atoms: nothing like the training set
+    _, sigma_far = gp.predict(DESCRIBE(far)[None, :])
+    assert sigma_far[0] > 3 * sigma_seen.max()
+
+
+def test_sparse_gp_agrees_with_exact_gp_on_small_data(cuau_data) -> None:
+    x, y, _ = cuau_data
+    exact = GPSurrogate(GPSettings(min_points=10, sparse_above=1000))
+    sparse = GPSurrogate(GPSettings(min_points=10, sparse_above=20, inducing_points=60))
+    for row, energy in zip(x[:100], y[:100], strict=True):
+        exact.add(row, energy)
+        sparse.add(row, energy)
+    mu_exact, _ = exact.predict(x[100:])
+    mu_sparse, sigma_sparse = sparse.predict(x[100:])
+    assert sparse.sparse and not exact.sparse
+    baseline = np.abs(y[:100].mean() - y[100:]).mean()
+    assert np.abs(mu_sparse - mu_exact).mean() < 0.35 * baseline
+    assert np.abs(mu_sparse - y[100:]).mean() < 0.5 * baseline
+    assert np.all(sigma_sparse > 0)
+
+
+def test_refit_schedule_grows_geometrically() -> None:
+    settings = GPSettings(min_points=10, refit_every=10, refit_growth=0.1)
+    assert fit_sizes(settings, 9) == 0
+    assert fit_sizes(settings, 10) == fit_sizes(settings, 19) == 10
+    assert fit_sizes(settings, 20) == 20
+    sizes = {fit_sizes(settings, n) for n in range(10, 5001)}
+    assert len(sizes) < 60, "hyperparameters must not be refitted every few points at thousands of points"
+
+
+# -- early stopping ---------------------------------------------------------------------------------------
+def test_projection_extrapolates_a_geometric_decay() -> None:
+    limit = -10.0
+    energies = [limit + 5.0 * 0.8**k for k in range(40)]
+    projected = projected_final(energies, window=5)
+    assert projected < energies[-1]
+    assert projected == pytest.approx(limit, abs=1e-6)
+    # a stalled relaxation is projected at its lowest point, never above it
+    assert projected_final([1.0, 0.5, 0.6, 0.6, 0.6], window=2) == 0.5
+
+
+def test_hopeless_relaxation_is_stopped_early_with_its_projected_energy() -> None:
+    structure = random_cuau(np.random.default_rng(5))
+    relax = RelaxSettings(fmax=0.01, max_steps=300)
+    plain = evaluate(RelaxTask(1, structure), EvaluatorSettings(EMT_POTENTIAL, relax))
+    assert plain.status in (Status.RELAXED, Status.UNCONVERGED)
+    # the default warm-up (20 steps, windows of 10): FIRE accelerates at first, so earlier windows would
+    # underestimate how far a relaxation still falls
+    early = EarlyStopSettings(margin=0.05)
+    # a best far below anything this cell can reach: the relaxation is hopeless from the start
+    task = RelaxTask(1, structure, best_enthalpy_per_atom=plain.energy_per_atom - 1.0)
+    stopped = evaluate(task, EvaluatorSettings(EMT_POTENTIAL, relax, early_stop=early))
+    assert stopped.status is Status.STOPPED_EARLY
+    assert stopped.status.used_potential
+    assert stopped.enthalpy_per_atom is None, "a stopped relaxation must not compete for best"
+    projected = stopped.extra["projected_enthalpy_per_atom"]
+    assert math.isfinite(projected) and projected > task.best_enthalpy_per_atom + early.margin
+    assert stopped.n_force_calls < plain.n_force_calls
+    # a best it can beat lets the relaxation finish
+    task = RelaxTask(1, structure, best_enthalpy_per_atom=plain.energy_per_atom + 0.01)
+    finished = evaluate(task, EvaluatorSettings(EMT_POTENTIAL, relax, early_stop=early))
+    assert finished.status is plain.status
+
+
+# -- engine -----------------------------------------------------------------------------------------------
+def run_surrogate_ga(folder: Path, evaluations: int, out: Path, *flags: str) -> int:
+    config = emt_config(folder, name="gp", evaluations=evaluations, mode="ga", ga=GA, surrogate=SURROGATE)
+    return main(["run", str(config), "--out", str(out), *flags])
+
+
+@pytest.fixture(scope="module")
+def surrogate_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gp")
+    assert run_surrogate_ga(folder, 12, folder / "run") == 0
+    return folder / "run"
+
+
+def test_surrogate_ga_skips_proposals_without_spending_the_budget(surrogate_run: Path) -> None:
+    rows = read_results(surrogate_run)
+    statuses = [r["status"] for r in rows]
+    used = [s for s in statuses if Status(s).used_potential]
+    assert len(used) == 12, "skipped proposals must not count against the budget"
+    assert statuses.count("skipped") >= 2 * (12 - SURROGATE["min_points"]) - 4
+    db = sqlite3.connect(surrogate_run / "archive.sqlite")
+    try:
+        skipped = db.execute("SELECT n_force_calls, extra, reason FROM candidates WHERE status='skipped'")
+        for force_calls, extra, reason in skipped:
+            assert not force_calls
+            prediction = json.loads(extra)["surrogate"]
+            assert prediction["sigma"] > 0 and prediction["lcb"] <= prediction["mu"]
+            assert "ranked better" in reason
+        chosen = db.execute(
+            "SELECT extra FROM candidates WHERE status='relaxed' AND extra LIKE '%surrogate%'"
+        )
+        assert len(chosen.fetchall()) >= 12 - SURROGATE["min_points"] - 2
+    finally:
+        db.close()
+
+
+def test_resume_rebuilds_the_surrogate_and_makes_the_same_decisions(
+    tmp_path: Path, surrogate_run: Path
+) -> None:
+    split = tmp_path / "split"
+    assert run_surrogate_ga(tmp_path, 7, split) == 0
+    assert run_surrogate_ga(tmp_path, 12, split, "--resume") == 0
+
+    def sequence(run: Path) -> list[tuple[str, str, str]]:
+        return [(r["origin"], r["status"], r["energy_per_atom"]) for r in read_results(run)]
+
+    assert sequence(split) == sequence(surrogate_run)
+
+
+def test_surrogate_config_errors_name_the_key() -> None:
+    base = {"name": "x", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    with pytest.raises(ConfigError, match=r"surrogate\.candidates_per_slot"):
+        parse_config({**base, "surrogate": {"candidates_per_slot": 0}})
+    with pytest.raises(ConfigError, match=r"surrogate\.kappa"):
+        parse_config({**base, "surrogate": {"kappa": -1}})
+    with pytest.raises(ConfigError, match=r"surrogate\.early_stop\.margin"):
+        parse_config({**base, "surrogate": {"early_stop": {"margin": 0}}})
+    assert parse_config(base).surrogate.enabled is False
