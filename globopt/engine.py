@@ -225,7 +225,7 @@ class Engine:
             self.archive.close()
         return RunSummary(
             evaluations=evaluations,
-            budget=budget,
+            budget=total,
             best_id=self.best[1] if self.best else None,
             best_enthalpy_per_atom=self.best[0] if self.best else None,
             best_spacegroup=self.best[2] if self.best else None,

@@ -67,7 +67,8 @@ class StabilityAnalysis:
             relaxed = row["status"] in FINISHED_WITH_ENERGY and row["enthalpy_per_atom"] is not None
             if relaxed:
                 energy = row["enthalpy_per_atom"] * row["n_atoms"]  # the energy at the run's pressure
-                label = template if kind != "htvs" else f"{row['formula']} ({template})"
+                formula = Composition(row["formula"]).reduced_formula
+                label = template if kind != "htvs" else f"{formula} ({template})"
                 self.entries.append(
                     PDEntry(Composition(row["formula"]), energy, name=label, attribute=row["id"])
                 )
