@@ -273,6 +273,10 @@ class RunConfig(_Section):
             raise ValueError("mode htvs needs an 'htvs' section (templates and substitutions)")
         if self.composition is not None or self.formula_units is not None:
             raise ValueError("mode htvs takes its compositions from htvs.templates; remove composition")
+        if self.surrogate.enabled:
+            # The GP ranks proposals by enthalpy per atom, which across a screen's many compositions
+            # favours whichever chemistry binds hardest, not the candidates nearest their hull.
+            raise ValueError("surrogate.enabled is not supported with mode htvs (yet); remove it")
         if "evaluations" not in self.budget.model_fields_set:
             # A screen's natural budget is its whole enumeration; budget.evaluations caps it when given.
             self.budget = BudgetConfig(evaluations=HTVS_UNLIMITED_BUDGET)

@@ -148,6 +148,8 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys) -> None:
     assert "not covered by the potential" in uncovered and "Cl, Na" in uncovered
     assert "exactly one of prototype" in _problem(tmp_path, {"templates": [{"prototype": "B1", "file": "x"}]})
     assert "remove composition" in _problem(tmp_path, {"templates": [{"prototype": "B1"}]}, composition="Cu")
+    with_gp = _problem(tmp_path, {"templates": [{"prototype": "B1"}]}, surrogate={"enabled": True})
+    assert "not supported with mode htvs" in with_gp
     disordered = Structure(Lattice.cubic(3.6), [{"Cu": 0.5, "Au": 0.5}], [[0, 0, 0]])
     disordered.to(filename=str(tmp_path / "cuau.cif"))
     partial = _problem(tmp_path, {"templates": [{"file": str(tmp_path / "cuau.cif")}]})
