@@ -7,6 +7,7 @@ with the candidates on disk: there is no separate checkpoint file that can lag b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -68,21 +69,52 @@ def structure_from_json(text: str) -> Structure:
     return Structure.from_dict(json.loads(text))
 
 
+def damaged_message(path: Path, detail: str) -> str:
+    """What a user needs when the archive cannot be read: which file, what it means, how to recover."""
+    return (
+        f"the run archive {path} is damaged or not a globopt archive ({detail}). It holds every candidate "
+        f"and the search state, so the run cannot continue from it. To recover: restore {path.name} (with "
+        f"{path.name}-wal if present) from a backup; or salvage the readable rows with "
+        f"`sqlite3 {path} .recover | sqlite3 recovered.sqlite`; results.csv and best/ in {path.parent} still "
+        f"list what was committed before the damage. To search again, start a new run with --out elsewhere."
+    )
+
+
+def write_failure_message(path: Path, detail: object) -> str:
+    """Disk full, file-size limit or read-only directory: nothing committed is lost, say how to go on."""
+    return (
+        f"cannot write to the run archive {path} ({detail}): the disk may be full, a file-size limit "
+        f"reached, or the run directory read-only. Every evaluation committed before this point is intact; "
+        f"free space (or make {path.parent} writable) and continue with `globopt resume {path.parent}`."
+    )
+
+
 class Archive:
     def __init__(self, path: Path) -> None:
         self.path = path
+        existed = path.exists() and path.stat().st_size > 0
         try:
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            if existed:
+                # A truncated or overwritten file can open fine and fail much later in the middle of a run;
+                # quick_check reads every page once (well under a second for a large archive).
+                problems = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+                if problems != ["ok"]:
+                    raise ArchiveError(damaged_message(path, "; ".join(problems)))
             self.db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
+        except ArchiveError:
+            self.db.close()
+            raise
+        except sqlite3.OperationalError as exc:
+            if existed and "malformed" not in str(exc) and "not a database" not in str(exc):
+                raise ArchiveError(write_failure_message(path, exc)) from exc
+            raise ArchiveError(damaged_message(path, str(exc))) from exc
         except sqlite3.DatabaseError as exc:
-            raise ArchiveError(
-                f"{path} is not a readable globopt archive ({exc}). If a copy exists, restore it; "
-                f"otherwise start a new run with --out pointing elsewhere."
-            ) from exc
+            raise ArchiveError(damaged_message(path, str(exc))) from exc
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
@@ -93,7 +125,7 @@ class Archive:
 
     # -- transactions ------------------------------------------------------------------------------
     def _transaction(self):
-        return _Transaction(self.db)
+        return _Transaction(self.db, self.path)
 
     def _write_state(self, state: dict[str, Any] | None) -> None:
         if state is not None:
@@ -246,13 +278,35 @@ class Archive:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error, so a half-written change never lands."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error, so a half-written change never lands.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    A failed write (disk full, file-size limit, read-only file) becomes an ArchiveError that says so: SQLite
+    itself only reports "disk I/O error" or "database or disk is full".
+    """
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self.db = db
+        self.path = path
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise ArchiveError(write_failure_message(self.path, exc)) from exc
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as error:
+                self._rollback()
+                raise ArchiveError(write_failure_message(self.path, error)) from error
+        self._rollback()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise ArchiveError(write_failure_message(self.path, exc)) from exc
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back a transaction that failed on I/O
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("ROLLBACK")

@@ -172,6 +172,14 @@ def _execute(run, config, verbose: bool) -> int:
     ) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except OSError as exc:  # results.csv / best/ / log on a full disk or a read-only directory
+        log.error(
+            "cannot write to the run directory %s (%s): the disk may be full, a file-size limit reached, or "
+            "the directory read-only. Evaluations committed to archive.sqlite are intact; free space and "
+            "continue with `globopt resume %s`.",
+            run.path, exc, run.path,
+        )  # fmt: skip
+        return EXIT_USAGE
     except RuntimeError as exc:
         if "cannot build the potential" in str(exc):
             log.error("%s", exc)
@@ -204,23 +212,25 @@ def _log_summary(summary, run) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from globopt.archive import ArchiveError
     from globopt.report import status_text
     from globopt.rundir import RunDirError
 
     try:
         print(status_text(args.run_dir))
-    except RunDirError as exc:
+    except (RunDirError, ArchiveError) as exc:
         raise _UserError(str(exc)) from None
     return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from globopt.archive import ArchiveError
     from globopt.report import write_report
     from globopt.rundir import RunDirError
 
     try:
         files = write_report(args.run_dir, args.out)
-    except RunDirError as exc:
+    except (RunDirError, ArchiveError) as exc:
         raise _UserError(str(exc)) from None
     for path in files:
         print(path)

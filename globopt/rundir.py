@@ -79,7 +79,12 @@ class RunDirectory:
                 f"{path} already holds a run; continue it with `globopt resume {path}` "
                 f"(or `globopt run CONFIG --resume`), or choose another directory with --out"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot create the run directory {path} ({exc}); choose another with --out"
+            ) from exc
         run.acquire_lock()
         _atomic_write(run.config_path, config.to_yaml())
         return run
@@ -111,7 +116,13 @@ class RunDirectory:
         return run, config
 
     def acquire_lock(self) -> None:
-        handle = open(self.lock_path, "a+")  # noqa: SIM115 - held open for the life of the run
+        try:
+            handle = open(self.lock_path, "a+")  # noqa: SIM115 - held open for the life of the run
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write to the run directory {self.path} ({exc}); a run needs it writable "
+                f"(check permissions and free space), or choose another directory with --out"
+            ) from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,229 @@
+"""Fault injection with real processes and a real (cheap) potential: what cluster life does to a run.
+
+EMT stands in for M3GNet here because these tests are about the bookkeeping (archive, lock, resume), not
+the physics; the single SIGKILL + resume with the real M3GNet is in test_m3gnet_runs.py, a killed pool
+worker in test_engine.py, a killed MPI rank in test_mpi.py.
+
+Failures are injected at the operating-system level, never by faking code: SIGKILL, RLIMIT_FSIZE (a disk
+that stops taking bytes), a read-only mount or permissions, bytes overwritten in the archive file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import committed, emt_config, globopt_process, read_results, wait_for
+
+from globopt.archive import Archive
+from globopt.cli import main
+
+LOGGED_EVALUATION = re.compile(r"\] id=(\d+) ")
+
+
+def _integrity(path: Path) -> str:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _assert_kept(before: dict[int, tuple], after: dict[int, tuple]) -> None:
+    """Every evaluation committed before is still there, unchanged (not recomputed, not lost)."""
+    missing = sorted(set(before) - set(after))
+    assert not missing, f"committed evaluations lost: {missing}"
+    changed = sorted(k for k in before if after[k] != before[k])
+    assert not changed, f"committed evaluations rewritten: {changed}"
+
+
+def test_repeated_sigkill_of_the_master_then_resume(tmp_path: Path) -> None:
+    """Three SIGKILLs at random moments (mid-relaxation, mid-commit, ...), then resume to the end.
+
+    The final archive must hold exactly the budget, every evaluation committed before any kill unchanged,
+    and no candidate evaluated twice (each id is logged at most once over all sessions).
+    """
+    budget = 16
+    config = emt_config(tmp_path, evaluations=budget, mode="ga", ga={"population_size": 4})
+    out = tmp_path / "run"
+    rng = random.Random(20261123)
+    snapshots: list[dict[int, tuple]] = []
+    for kill in range(3):
+        args = ("run", str(config), "--out", str(out)) if kill == 0 else ("resume", str(out))
+        process = globopt_process(*args, cwd=tmp_path)
+        target = len(snapshots[-1]) if snapshots else 0
+        target += rng.randint(1, 3)
+        try:
+            wait_for(lambda t=target: len(committed(out)) >= t, timeout=240, what=f"{target} evaluations")
+            # a random extra moment: lands inside a relaxation, a commit, or between them
+            time.sleep(rng.uniform(0.0, 1.0))
+        finally:
+            process.kill()  # SIGKILL: no handler, no flush, no lock release except by the OS
+            output, _ = process.communicate()
+        assert process.returncode == -signal.SIGKILL, output
+        snapshot = committed(out)
+        assert _integrity(out / "archive.sqlite") == "ok"
+        if snapshots:
+            _assert_kept(snapshots[-1], snapshot)
+        snapshots.append(snapshot)
+    assert len(snapshots[-1]) < budget, "the run finished before the third kill; the test lost its point"
+
+    final = globopt_process("resume", str(out), cwd=tmp_path)
+    output, _ = final.communicate(timeout=600)
+    assert final.returncode == 0, output
+    after = committed(out)
+    assert len(after) == budget  # the budget is exact across four sessions
+    for snapshot in snapshots:
+        _assert_kept(snapshot, after)
+    archive = Archive(out / "archive.sqlite")
+    try:
+        assert archive.count_used_potential() == budget
+        assert not archive.pending_tasks()
+    finally:
+        archive.close()
+    logged = [int(i) for i in LOGGED_EVALUATION.findall((out / "globopt.log").read_text())]
+    assert len(logged) == len(set(logged)), "a candidate was evaluated twice"
+    assert set(logged) <= set(after)
+    rows = read_results(out)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert {int(r["id"]) for r in rows if r["status"] not in ("rejected", "duplicate")} == set(after)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        # SIGXFSZ would kill the process; ignored, the write fails with EFBIG like on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path) -> None:
+    """Writes start failing mid-run: clear error and non-zero exit, archive intact, resume completes."""
+    config = emt_config(tmp_path, evaluations=500)
+    out = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "-m", "globopt", "run", str(config), "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        preexec_fn=_limit_file_size(128 * 1024),
+    )  # fmt: skip
+    output = process.stdout + process.stderr
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    assert "cannot write to the run" in output and f"globopt resume {out}" in output
+    assert _integrity(out / "archive.sqlite") == "ok"
+    before = committed(out)
+    assert 1 <= len(before) < 500
+
+    budget = len(before) + 2
+    resumed = emt_config(tmp_path, name="cuau", evaluations=budget)
+    assert main(["run", str(resumed), "--out", str(out), "--resume"]) == 0
+    after = committed(out)
+    assert len(after) == budget
+    _assert_kept(before, after)
+
+
+def _read_only_command(folder: Path, args: list[str]) -> list[str] | None:
+    """A command that sees ``folder`` read-only, or None when this machine cannot arrange that."""
+    command = [sys.executable, "-m", "globopt", *args]
+    if os.geteuid() != 0:
+        return command  # plain permissions suffice (set by the caller)
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    probe = subprocess.run(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", f"mount --bind -o ro {folder} {folder}"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        return None
+    script = f'mount --bind -o ro "{folder}" "{folder}" && exec "$@"'
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def test_read_only_run_directory_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(emt_config(tmp_path, evaluations=2)), "--out", str(out)]) == 0
+    before = committed(out)
+    bigger = emt_config(tmp_path, evaluations=4)
+    command = _read_only_command(out, ["run", str(bigger), "--out", str(out), "--resume"])
+    if command is None:
+        pytest.skip("running as root without mount namespaces: cannot make a directory read-only")
+    modes = {p: p.stat().st_mode for p in [out, *out.rglob("*")]}
+    if os.geteuid() != 0:
+        for path in modes:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+    output = process.stdout + process.stderr
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    assert f"cannot write to the run directory {out}" in output
+    assert _integrity(out / "archive.sqlite") == "ok"
+    assert committed(out) == before
+
+
+@pytest.mark.parametrize("damage", ["garbage header", "truncated", "garbage pages"])
+def test_damaged_archive_is_named_with_a_way_to_recover(tmp_path: Path, capsys, damage: str) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(emt_config(tmp_path, evaluations=3)), "--out", str(out)]) == 0
+    archive = out / "archive.sqlite"
+    data = bytearray(archive.read_bytes())
+    if damage == "garbage header":
+        data[:100] = os.urandom(100)
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # every page after the first overwritten: the header still says SQLite
+        data[4096:] = b"\xa5" * (len(data) - 4096)
+    archive.write_bytes(bytes(data))
+    capsys.readouterr()
+    for command in (["resume", str(out)], ["status", str(out)], ["report", str(out)]):
+        assert main(command) == 2, command
+        error = capsys.readouterr().err
+        assert "Traceback" not in error
+        assert f"the run archive {archive} is damaged" in error, (command, error)
+        assert ".recover" in error and "backup" in error and "results.csv" in error
+
+
+def test_damaged_stored_config_is_named(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(emt_config(tmp_path, evaluations=1)), "--out", str(out)]) == 0
+    (out / "config.yaml").write_bytes(b"\x00\xffnot: [yaml")
+    capsys.readouterr()
+    assert main(["resume", str(out)]) == 2
+    assert f"{out / 'config.yaml'}" in capsys.readouterr().err
+
+
+def test_resume_racing_a_running_resume_is_refused(tmp_path: Path) -> None:
+    """Two `globopt resume` of one directory: the second refuses and names the holder; nothing breaks."""
+    out = tmp_path / "run"
+    assert main(["run", str(emt_config(tmp_path, evaluations=1)), "--out", str(out)]) == 0
+    longer = emt_config(tmp_path, evaluations=40)
+    first = globopt_process("run", str(longer), "--out", str(out), "--resume", cwd=tmp_path)
+    try:
+        wait_for(lambda: len(committed(out)) >= 2, timeout=240, what="the first resume to commit")
+        second = globopt_process("resume", str(out), cwd=tmp_path)
+        output, _ = second.communicate(timeout=240)
+        assert second.returncode == 2, output
+        assert f"is being written by pid {first.pid}" in output
+        assert first.poll() is None, "the refused second process must not disturb the first"
+    finally:
+        first.send_signal(signal.SIGTERM)  # graceful stop: in-flight work is re-issued on the next resume
+        first_output, _ = first.communicate(timeout=120)
+    assert first.returncode in (0, 130), first_output
+    assert _integrity(out / "archive.sqlite") == "ok"
+    rows = read_results(out)
+    assert len({r["id"] for r in rows}) == len(rows)
