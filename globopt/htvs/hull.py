@@ -94,22 +94,22 @@ class StabilityAnalysis:
     def _place_on_hulls(self, by_id: dict[int, ScreenedCandidate]) -> None:
         entry_of = {e.attribute: e for e in self.entries if isinstance(e.attribute, int)}
         for candidate in self.candidates:
-            entry = entry_of.get(candidate.id)
+            # a duplicate before relaxation shares the result of the structure it matched (which may be an
+            # elemental reference or a competing phase, not only another candidate)
+            duplicate = candidate.status == Status.DUPLICATE and candidate.duplicate_of is not None
+            entry = entry_of.get(candidate.duplicate_of if duplicate else candidate.id)
             if entry is None:
                 continue
             diagram = self.diagram(candidate.chemsys)
             if isinstance(diagram, str):
                 candidate.note = diagram
                 continue
+            if duplicate:
+                candidate.energy_per_atom = entry.energy_per_atom
+                original = by_id.get(candidate.duplicate_of)
+                candidate.spacegroup = original.spacegroup if original else None
             candidate.formation_energy_per_atom = float(diagram.get_form_energy_per_atom(entry))
             candidate.e_above_hull = float(diagram.get_e_above_hull(entry))
-        for candidate in self.candidates:  # a duplicate before relaxation shares its original's result
-            original = by_id.get(candidate.duplicate_of) if candidate.status == Status.DUPLICATE else None
-            if original is not None and original.e_above_hull is not None:
-                candidate.energy_per_atom = original.energy_per_atom
-                candidate.formation_energy_per_atom = original.formation_energy_per_atom
-                candidate.e_above_hull = original.e_above_hull
-                candidate.spacegroup = original.spacegroup
 
     @functools.cache  # noqa: B019 - one analysis per report, cache dies with it
     def diagram(self, chemsys: str) -> PhaseDiagram | str:
