@@ -6,6 +6,10 @@ Both read only the archive, so they work on a finished run, a killed run, or one
 from __future__ import annotations
 
 import math
+import os
+import re
+import sqlite3
+from collections import Counter
 from pathlib import Path
 
 from globopt.archive import Archive
@@ -101,10 +105,17 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
                 f"- time inside the potential: {sum(potential) / sum(seconds):.0%} of relaxation time",
                 "",
             ]
-        text += ["![convergence](convergence.png)", ""]
+        text += ["![convergence and energy distribution](convergence.png)", ""]
+        text += best_candidates_table(archive, n_best=10)
+        text += origin_table(evaluated)
+        screen_files = _screen_outputs(path, archive)
+        hull_plots = [f for f in screen_files if f.suffix == ".png"]
+        if hull_plots:
+            text += ["## Convex hull", ""]
+            text += [f"![{f.stem}]({os.path.relpath(f, out)})" for f in hull_plots] + [""]
         summary.write_text("\n".join(text))
         files.append(summary)
-        files += _screen_outputs(path, archive)
+        files += screen_files
         return files
     finally:
         archive.close()
@@ -120,3 +131,71 @@ def _screen_outputs(path: Path, archive: Archive) -> list[Path]:
     from globopt.htvs.output import write_screen_outputs
 
     return write_screen_outputs(path, archive, config)
+
+
+def best_candidates_table(archive: Archive, n_best: int) -> list[str]:
+    """Markdown table of the lowest unique minima: energy, symmetry and conventional lattice parameters.
+
+    Why the conventional cell: the archive stores whatever cell the search produced (often a skewed
+    primitive or a supercell); a materials scientist compares a, b, c, alpha, beta, gamma of the
+    standard conventional setting with the literature.
+    """
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from globopt.archive import structure_from_json
+
+    rows = archive.best_unique(n_best)
+    if not rows:
+        return []
+    lowest = rows[0]["enthalpy_per_atom"]
+    lines = [
+        "## Best unique structures",
+        "",
+        "| rank | id | formula | H (eV/atom) | +meV/atom | space group | a, b, c (Å) "
+        "| alpha, beta, gamma (°) | V/atom (Å^3) | density (g/cm^3) | origin |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rank, row in enumerate(rows, start=1):
+        structure = structure_from_json(row["relaxed"])
+        try:
+            cell = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
+        except Exception:  # spglib gives up on badly distorted cells: show the cell as stored
+            cell = structure
+        a, b, c = cell.lattice.abc
+        alpha, beta, gamma = cell.lattice.angles
+        group = f"{row['spacegroup']} ({row['spacegroup_number']})" if row["spacegroup"] else "?"
+        lines.append(
+            f"| {rank} | {row['id']} | {structure.composition.reduced_formula} ({len(structure)} atoms) "
+            f"| {row['enthalpy_per_atom']:.4f} | {1000 * (row['enthalpy_per_atom'] - lowest):.1f} | {group} "
+            f"| {a:.3f}, {b:.3f}, {c:.3f} | {alpha:.1f}, {beta:.1f}, {gamma:.1f} "
+            f"| {structure.volume / len(structure):.2f} | {structure.density:.3f} | {row['origin']} |"
+        )
+    return [*lines, ""]
+
+
+def origin_table(evaluated: list[sqlite3.Row]) -> list[str]:
+    """Which sources (random, heredity, strain, ...) produced relaxations and new best-so-far structures."""
+    if not evaluated:
+        return []
+    used, relaxed, improved = Counter(), Counter(), Counter()
+    best = math.inf
+    for row in evaluated:
+        origin = re.sub(r":sg\d+$", "", row["origin"])  # random draws: one row, not one per space group
+        used[origin] += 1
+        if row["status"] == Status.RELAXED:
+            relaxed[origin] += 1
+            if row["enthalpy_per_atom"] < best - 1e-4:
+                best = row["enthalpy_per_atom"]
+                improved[origin] += 1
+    lines = [
+        "## Where the evaluations came from",
+        "",
+        "| origin | evaluations | relaxed | new best-so-far |",
+        "| --- | --- | --- | --- |",
+    ]
+    for origin, count in used.most_common():
+        lines.append(f"| {origin} | {count} | {relaxed[origin]} | {improved[origin]} |")
+    failures = Counter(r["status"] for r in evaluated if r["status"] != Status.RELAXED)
+    if failures:
+        lines += ["", "Failed relaxations: " + ", ".join(f"{k} {v}" for k, v in sorted(failures.items()))]
+    return [*lines, ""]
