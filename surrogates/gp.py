@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import cho_solve, solve_triangular
 from sklearn.preprocessing import StandardScaler
 
 # Adam steps per hyperparameter fit, and its learning rate on the (softplus-transformed) raw parameters.
@@ -35,6 +36,8 @@ LEARNING_RATE = 0.1
 # Observation noise floor (standardised units): keeps the Cholesky factorisation of near-duplicate
 # descriptors stable.
 NOISE_FLOOR = 1e-4
+# Added to kernel diagonals before a Cholesky factorisation (standardised units).
+JITTER = 1e-8
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _exact_solves():
+    """Cholesky, never gpytorch's CG/Lanczos (its default above 800 points): exact and deterministic, and
+    the exact GP is only used up to ``sparse_above`` points, where a Cholesky factorisation is cheap."""
+    import gpytorch
+
+    return gpytorch.settings.max_cholesky_size(10**6)
+
+
 def fit_sizes(settings: GPSettings, n: int) -> int:
     """Number of leading points the hyperparameters are fitted on when ``n`` points are known (0: none)."""
     size = settings.min_points
@@ -90,8 +101,9 @@ class GPSurrogate:
         self._y: list[float] = []
         self._fitted_on = 0  # leading points the current hyperparameters were fitted on
         self._conditioned_on = 0  # points the current posterior has seen
-        self._model = None
+        self._model = None  # gpytorch model of the last fit (hyperparameters live here)
         self._likelihood = None
+        self._posterior: _Posterior | None = None
         self._x_scaler: StandardScaler | None = None
         self._y_scaler: StandardScaler | None = None
         self.timings = GPTimings()
@@ -119,42 +131,33 @@ class GPSurrogate:
         """Posterior mean and standard deviation (including observation noise) of the relaxed enthalpy."""
         if not self.ready:
             raise RuntimeError(f"the GP needs {self.settings.min_points} points, has {len(self._y)}")
-        import gpytorch
-        import torch
-
-        with _one_torch_thread():
-            self._update()
-            started = time.perf_counter()
-            x = torch.as_tensor(self._x_scaler.transform(np.atleast_2d(descriptors)), dtype=torch.float64)
-            self._model.eval()
-            self._likelihood.eval()
-            with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
-                output = self._likelihood(self._model(x))
-                mean = output.mean.numpy()
-                std = output.variance.clamp_min(0).sqrt().numpy()
-            scale = float(self._y_scaler.scale_[0])
-            self.timings.predict = time.perf_counter() - started
-        return mean * scale + float(self._y_scaler.mean_[0]), std * scale
+        self._update()
+        started = time.perf_counter()
+        x = self._x_scaler.transform(np.atleast_2d(descriptors))
+        mean, variance = self._posterior.predict(x)
+        scale = float(self._y_scaler.scale_[0])
+        self.timings.predict = time.perf_counter() - started
+        return mean * scale + float(self._y_scaler.mean_[0]), np.sqrt(np.maximum(variance, 0)) * scale
 
     def _update(self) -> None:
         n = len(self._y)
         target = fit_sizes(self.settings, n)
-        if target != self._fitted_on or self._model is None:
-            self._fit(target)
+        if target != self._fitted_on or self._posterior is None:
+            with _one_torch_thread():
+                self._fit(target)
         if self._conditioned_on != n:
             started = time.perf_counter()
-            x, y = self._scaled(n)
-            self._model.set_train_data(x, y, strict=False)
+            # one point at a time, in order: the same arithmetic whether the points arrive one per step
+            # (running engine) or all at once (rebuilt on resume)
+            x, y = self._scaled(self._conditioned_on, n)  # row-wise transform: batching changes nothing
+            for row, target in zip(x, y, strict=True):
+                self._posterior.append(row, target)
             self._conditioned_on = n
             self.timings.condition = time.perf_counter() - started
 
-    def _scaled(self, n: int):
-        import torch
-
-        x = torch.as_tensor(self._x_scaler.transform(np.vstack(self._x[:n])), dtype=torch.float64)
-        y = torch.as_tensor(
-            self._y_scaler.transform(np.asarray(self._y[:n])[:, None])[:, 0], dtype=torch.float64
-        )
+    def _scaled(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        x = self._x_scaler.transform(np.vstack(self._x[start:stop]))
+        y = self._y_scaler.transform(np.asarray(self._y[start:stop])[:, None])[:, 0]
         return x, y
 
     def _fit(self, size: int) -> None:
@@ -164,7 +167,8 @@ class GPSurrogate:
         started = time.perf_counter()
         self._x_scaler = StandardScaler().fit(np.vstack(self._x[:size]))
         self._y_scaler = StandardScaler().fit(np.asarray(self._y[:size])[:, None])
-        x, y = self._scaled(size)
+        x_np, y_np = self._scaled(0, size)
+        x, y = torch.as_tensor(x_np), torch.as_tensor(y_np)
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
         ).double()
@@ -183,12 +187,22 @@ class GPSurrogate:
         likelihood.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
-        for _ in range(TRAIN_ITERATIONS):
-            optimizer.zero_grad()
-            loss = -mll(model(x), y)
-            loss.backward()
-            optimizer.step()
+        with _exact_solves():
+            for _ in range(TRAIN_ITERATIONS):
+                optimizer.zero_grad()
+                loss = -mll(model(x), y)
+                loss.backward()
+                optimizer.step()
         self._model, self._likelihood = model, likelihood
+        base = model.covar_module_base
+        self._posterior = _Posterior(
+            lengthscale=float(base.base_kernel.lengthscale.item()),
+            outputscale=float(base.outputscale.item()),
+            noise=float(likelihood.noise.item()),
+            mean=float(model.mean_module.constant.item()),
+            inducing=None if inducing is None else model.covar_module.inducing_points.detach().numpy().copy(),
+        )
+        self._posterior.reset(x_np, y_np)
         self._fitted_on = size
         self._conditioned_on = size
         self.timings.fit = time.perf_counter() - started
@@ -205,6 +219,79 @@ class GPSurrogate:
             "noise": float(self._likelihood.noise.item()),
             "fitted_on": self._fitted_on,
         }
+
+
+class _Posterior:
+    """Closed-form GP posterior for fixed hyperparameters (standardised units), grown one point at a time.
+
+    gpytorch fits the hyperparameters; between refits this class conditions on new points at O(n^2)
+    (exact: the Cholesky factor is extended by one row) or O(m^2) (sparse: the m x m system of the SGPR/DTC
+    predictive equations gets a rank-one update), instead of refactorising from scratch every step.
+    """
+
+    def __init__(
+        self, lengthscale: float, outputscale: float, noise: float, mean: float, inducing: np.ndarray | None
+    ) -> None:
+        self.lengthscale, self.outputscale, self.noise, self.mean = lengthscale, outputscale, noise, mean
+        self.inducing = inducing
+        self._alpha: np.ndarray | None = None  # cached weights, invalidated by new data
+
+    def kernel(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+        return self.outputscale * np.exp(-0.5 * np.maximum(squared, 0.0) / self.lengthscale**2)
+
+    def reset(self, x: np.ndarray, y: np.ndarray) -> None:
+        residual = y - self.mean
+        if self.inducing is None:
+            self.x = x.copy()
+            self.residual = residual.copy()
+            covariance = self.kernel(x, x) + (self.noise + JITTER) * np.eye(len(x))
+            self.chol = np.linalg.cholesky(covariance)
+        else:
+            z = self.inducing
+            self.chol_mm = np.linalg.cholesky(self.kernel(z, z) + JITTER * np.eye(len(z)))
+            k_mn = self.kernel(z, x)
+            self.a = self.noise * (self.chol_mm @ self.chol_mm.T) + k_mn @ k_mn.T
+            self.b = k_mn @ residual
+        self._alpha = None
+
+    def append(self, x: np.ndarray, y: float) -> None:
+        residual = y - self.mean
+        if self.inducing is None:
+            k = self.kernel(self.x, x[None, :])[:, 0]
+            row = solve_triangular(self.chol, k, lower=True)
+            diagonal = np.sqrt(max(self.outputscale + self.noise + JITTER - row @ row, JITTER))
+            n = len(self.x)
+            grown = np.zeros((n + 1, n + 1))
+            grown[:n, :n] = self.chol
+            grown[n, :n] = row
+            grown[n, n] = diagonal
+            self.chol = grown
+            self.x = np.vstack([self.x, x])
+            self.residual = np.append(self.residual, residual)
+        else:
+            k = self.kernel(self.inducing, x[None, :])[:, 0]
+            self.a += np.outer(k, k)
+            self.b += k * residual
+        self._alpha = None
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of a new observation (latent variance + noise)."""
+        if self.inducing is None:
+            if self._alpha is None:
+                self._alpha = cho_solve((self.chol, True), self.residual)
+            k = self.kernel(x, self.x)
+            v = solve_triangular(self.chol, k.T, lower=True)
+            latent = self.outputscale - (v * v).sum(0)
+            return self.mean + k @ self._alpha, latent + self.noise
+        if self._alpha is None:
+            self._chol_a = np.linalg.cholesky(self.a)
+            self._alpha = cho_solve((self._chol_a, True), self.b)
+        k = self.kernel(self.inducing, x)
+        v_mm = solve_triangular(self.chol_mm, k, lower=True)
+        v_a = solve_triangular(self._chol_a, k, lower=True)
+        latent = self.outputscale - (v_mm * v_mm).sum(0) + self.noise * (v_a * v_a).sum(0)
+        return self.mean + k.T @ self._alpha, latent + self.noise
 
 
 def _Model(x, y, likelihood, inducing):  # a factory: gpytorch is imported lazily
