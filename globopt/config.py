@@ -340,7 +340,7 @@ class RunConfig(_Section):
     @property
     def formula(self) -> str:
         if self.composition is None:
-            return "the htvs enumeration"
+            return "(from htvs templates)"
         text = formula_string(self.composition)
         if self.formula_units:
             low, high = self.formula_units

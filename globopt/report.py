@@ -39,6 +39,10 @@ def status_text(path: Path, n_best: int = 5) -> str:
             + ("  (finished)" if used >= config.budget.evaluations and not counts.get("pending") else ""),
             "by status: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
         ]
+        if config.mode == "htvs":  # a screen ranks by stability, not by energy per atom across chemistries
+            from globopt.htvs.output import screen_status_lines
+
+            return "\n".join(lines + screen_status_lines(archive, config, n_best))
         best = archive.best_unique(n_best)
         if best:
             lines.append("best unique structures (enthalpy per atom):")

@@ -177,3 +177,25 @@ def _ternary_plot(diagram, path: Path) -> None:
     figure = ax.get_figure() if hasattr(ax, "get_figure") else plt.gcf()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def screen_status_lines(archive: Archive, config, n_best: int) -> list[str]:
+    """`globopt status` of a screen: how far the enumeration got and the most stable candidates so far."""
+    state = archive.load_state() or {}
+    analysis = StabilityAnalysis(
+        archive, [Path(p) for p in config.htvs.competing_phases if p.endswith(".json")]
+    )
+    ranked = [c for c in analysis.ranked() if c.e_above_hull is not None and c.status == "relaxed"]
+    lines = [
+        f"enumeration: {state.get('proposed', 0)} structures proposed, {state.get('skipped', 0)} skipped by "
+        f"filters; {len(analysis.candidates)} substituted candidates archived",
+    ]
+    if not ranked:
+        return [*lines, "no candidate on a hull yet (elemental references come first)"]
+    lines.append("most stable candidates (e_above_hull, eV/atom; hulls from what is relaxed so far):")
+    for rank, c in enumerate(ranked[:n_best], 1):
+        lines.append(
+            f"  {rank}. id={c.id:<5} {c.e_above_hull:.4f}  {c.formula:10s} {c.spacegroup or '?':10s} "
+            f"{c.template} {c.substitution}"
+        )
+    return lines
