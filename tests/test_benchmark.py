@@ -1,0 +1,186 @@
+"""Benchmark harness: suite files, references, hit detection, and a whole benchmark through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pymatgen.core import Lattice, Structure
+
+from globopt.benchmark.hits import EvaluatedStructure, first_hit
+from globopt.benchmark.suite import load_suite
+from globopt.cli import main
+from globopt.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+STANDARD = REPO / "benchmarks" / "suites" / "standard.yaml"
+
+# Primitive-cell contents of the bundled suite, from the textbook prototypes (Z per primitive cell).
+EXPECTED_CELLS = {
+    "NaCl": {"Na": 1, "Cl": 1},
+    "CaF2": {"Ca": 1, "F": 2},
+    "ZnS": {"Zn": 1, "S": 1},
+    "GaN": {"Ga": 2, "N": 2},
+    "ZnO": {"Zn": 2, "O": 2},
+    "TiO2": {"Ti": 2, "O": 4},
+    "SrTiO3": {"Sr": 1, "Ti": 1, "O": 3},
+    "LiCoO2": {"Li": 1, "Co": 1, "O": 2},
+    "Al2O3": {"Al": 4, "O": 6},
+    "MgAl2O4": {"Mg": 2, "Al": 4, "O": 8},
+}
+EXPECTED_GROUPS = {
+    "NaCl": 225, "CaF2": 225, "ZnS": 216, "GaN": 186, "ZnO": 186, "TiO2": 136, "SrTiO3": 221,
+    "LiCoO2": 166, "Al2O3": 167, "MgAl2O4": 227,
+}  # fmt: skip
+
+
+def test_bundled_suite_builds_the_known_prototypes() -> None:
+    suite = load_suite(STANDARD)
+    assert {e.name: e.composition for e in suite.entries} == EXPECTED_CELLS
+    for entry in suite.entries:
+        assert entry.structure.get_space_group_info(symprec=0.01)[1] == EXPECTED_GROUPS[entry.name], (
+            entry.name
+        )
+        distances = entry.structure.distance_matrix + 10 * (entry.structure.distance_matrix == 0)
+        assert distances.min() > 1.7, f"{entry.name}: atoms too close, wrong Wyckoff setting?"
+    anatase = suite.select(["TiO2"])[0].polymorphs["anatase"]
+    assert anatase.get_space_group_info(symprec=0.01)[1] == 141 and len(anatase) == 6
+
+
+def _suite(tmp_path: Path, **changes) -> Path:
+    data = {
+        "name": "bad",
+        "structures": [
+            {"name": "NaCl", "spacegroup": "Fm-3m", "lattice": {"a": 5.69}, "species": ["Na", "Cl"],
+             "coords": [[0, 0, 0], [0.5, 0.5, 0.5]]}
+        ],
+    }  # fmt: skip
+    for key, value in changes.items():
+        if key.startswith("entry_"):
+            data["structures"][0][key.removeprefix("entry_")] = value
+        else:
+            data[key] = value
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"modes": ["ga", "annealing"]}, "unknown ['annealing']"),
+        ({"entry_coords": [[0, 0, 0]]}, "2 species but 1 coords"),
+        ({"entry_lattice": {"b": 3.0}}, "lattice needs a"),
+        ({"entry_spacegroup": "Xyz"}, "cannot build the structure"),
+        ({"entry_colour": "red"}, "colour"),
+        ({"entry_cif": "missing.cif", "entry_spacegroup": None, "entry_lattice": None, "entry_species": None,
+          "entry_coords": None}, "missing.cif does not exist"),
+        ({"entry_polymorphs": [{"name": "wrong", "spacegroup": "Fm-3m", "lattice": {"a": 4.2},
+          "species": ["Mg", "O"], "coords": [[0, 0, 0], [0.5, 0.5, 0.5]]}]}, "polymorph wrong: composition"),
+    ],
+)  # fmt: skip
+def test_bad_suites_are_named(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_suite(_suite(tmp_path, **changes))
+    assert message in str(error.value)
+    assert str(tmp_path / "suite.yaml") in str(error.value)
+
+
+def test_unknown_structure_and_missing_suite_are_cli_errors(tmp_path: Path, capsys) -> None:
+    tiny = REPO / "benchmarks" / "suites" / "tiny.yaml"
+    assert main(["benchmark", str(tiny), "--structures", "Unobtainium", "--out", str(tmp_path)]) == 2
+    assert "no structure named Unobtainium" in capsys.readouterr().err
+    assert main(["benchmark", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_hit_by_structure_or_by_energy() -> None:
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), ["Na", "Cl"], [[0] * 3, [0.5] * 3])
+    caesium_chloride = Structure(Lattice.cubic(3.4), ["Na", "Cl"], [[0] * 3, [0.5] * 3])
+    shifted_supercell = rock_salt.get_primitive_structure() * (1, 1, 2)
+    shifted_supercell.translate_sites(list(range(len(shifted_supercell))), [0.1, 0.2, 0.3])
+    reference_energy = -3.3675
+    evaluations = [
+        EvaluatedStructure(None, None, 10.0),  # a failed relaxation still uses up the budget
+        EvaluatedStructure(caesium_chloride, -3.30, 11.0),
+        EvaluatedStructure(shifted_supercell, -3.3600, 12.0),  # same structure, a looser relaxation
+    ]
+    hit = first_hit(evaluations, rock_salt, reference_energy, 0.001, started_at=9.0)
+    assert hit is not None and (hit.evaluations, hit.seconds) == (3, 3.0)
+    # a structure that does not match but is as low as the reference (a degenerate polymorph) also counts
+    lower = [EvaluatedStructure(caesium_chloride, reference_energy + 0.0005, 10.0)]
+    assert first_hit(lower, rock_salt, reference_energy, 0.001, started_at=9.0).evaluations == 1
+    assert first_hit(evaluations[:2], rock_salt, reference_energy, 0.001, started_at=9.0) is None
+    # a copy at 1.8x the volume is not the relaxed minimum: the matcher does not rescale volumes
+    strained = rock_salt.copy()
+    strained.scale_lattice(rock_salt.volume * 1.8)
+    assert (
+        first_hit([EvaluatedStructure(strained, -3.2, 1.0)], rock_salt, reference_energy, 0.001, 0.0) is None
+    )
+
+
+EMT_SUITE = {
+    "name": "emt",
+    "budget": 3,
+    "seeds": [0],
+    "modes": ["random", "ga", "pso"],
+    "potential": {"kind": "emt"},
+    "search": {"ga": {"population_size": 2}, "pso": {"swarm_size": 2}},
+    "structures": [
+        {"name": "Cu3Au", "prototype": "L1_2", "spacegroup": "Pm-3m", "lattice": {"a": 3.75},
+         "species": ["Au", "Cu"], "coords": [[0, 0, 0], [0, 0.5, 0.5]]},
+    ],
+}  # fmt: skip
+
+
+def test_benchmark_runs_every_mode_through_the_engine(tmp_path: Path, capsys) -> None:
+    """Mechanics with EMT (physics is not the point here): references, run directories, JSON, table, reuse."""
+    suite = tmp_path / "emt.yaml"
+    suite.write_text(yaml.safe_dump(EMT_SUITE))
+    modes = ["random", "ga", "pso"]
+    try:
+        import ase_ga  # noqa: F401
+
+        modes.append("ase-ga")
+    except ImportError:
+        print("ase-ga not installed (pip install -e '.[baselines]'): the baseline is left out of this test")
+    out = tmp_path / "out"
+    assert main(["benchmark", str(suite), "--modes", *modes, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    document = json.loads((out / "benchmark.json").read_text())
+    assert [r["mode"] for r in document["runs"]] == modes
+    assert all(r["evaluations"] == 3 for r in document["runs"])
+    reference = document["references"]["Cu3Au"]
+    assert reference["spacegroup"] == "Pm-3m" and reference["source"] == "given"
+    for run in document["runs"]:
+        assert run["best_energy_per_atom"] >= reference["energy_per_atom"] - 0.05
+        assert run["hit"] == (run["evaluations_to_hit"] is not None)
+        assert Path(run["run_dir"]).is_dir()
+    for mode in ("random", "ga", "pso"):
+        assert main(["status", str(out / "runs" / f"Cu3Au-{mode}-s0")]) == 0
+    table = (out / "benchmark.md").read_text()
+    assert "| Cu3Au (4) |" in table and "**overall** (budget 3)" in table and table.split("\n|")[0] in printed
+    assert [row["mode"] for row in document["summary"]["overall"]] == modes
+
+    # the same command again reuses the finished searches and the reference: identical results
+    assert main(["benchmark", str(suite), "--modes", *modes, "--out", str(out)]) == 0
+    again = json.loads((out / "benchmark.json").read_text())
+    keys = ("entry", "mode", "seed", "hit", "evaluations_to_hit", "best_energy_per_atom")
+    assert [{k: r[k] for k in keys} for r in again["runs"]] == [
+        {k: r[k] for k in keys} for r in document["runs"]
+    ]
+
+
+@pytest.mark.m3gnet
+def test_reference_is_the_lowest_known_polymorph(models_dir: Path) -> None:
+    """TiO2 is listed as rutile, but M3GNet-MP-2021.2.8 puts anatase lower: anatase becomes the reference."""
+    from globopt.benchmark.reference import reference_for
+
+    entry = load_suite(STANDARD).select(["TiO2"])[0]
+    reference = reference_for(entry, {"kind": "matgl", "model": "M3GNet-MP-2021.2.8-PES"})
+    energies = {r.label: r.energy_per_atom for r in reference.considered}
+    assert energies["given"] == pytest.approx(-8.9427, abs=2e-3)
+    assert energies["anatase"] == pytest.approx(-8.9545, abs=2e-3)
+    assert reference.best.label == "anatase" and reference.best.spacegroup == "I4_1/amd"
