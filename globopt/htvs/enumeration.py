@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 
 from globopt.htvs.partial import partial_orderings
 from globopt.htvs.references import elemental_reference
@@ -92,9 +92,12 @@ class TemplateBlock:
         origin = f"htvs:{self.template.name}:{describe(mapping)}"
         if not is_injective(mapping):
             return Item(origin, None, "two site-sets would get the same element")
+        if self.config.charge_neutral:  # decided on the composition alone, before building the structure
+            amounts = self.template.structure.composition.get_el_amt_dict()
+            formula = Composition({mapping.get(el, el): n for el, n in amounts.items()}).reduced_formula
+            if not can_be_charge_neutral(formula):
+                return Item(origin, None, "no charge-neutral oxidation states")
         structure = substitute(self.template.structure, mapping, self.config.scale_volume)
-        if self.config.charge_neutral and not can_be_charge_neutral(structure.composition.reduced_formula):
-            return Item(origin, None, "no charge-neutral oxidation states")
         return Item(origin + note if note else origin, structure)
 
     def elements(self) -> set[str]:
