@@ -1,5 +1,12 @@
-"""Generative models of crystals (diffusion, WGAN-GP) that seed the search.
+"""Generative models of crystals that seed the search (the crystal-structure-prediction task: given the
+atoms of a cell, generate lattice and positions).
 
-Not implemented yet: this package is reserved by the layout in DESIGN.md and is built in its own issue.
-Nothing in globopt imports it today.
+- ``representation``: lattice (Niggli cell parameters, standardised) + fractional coordinates on the torus
+  + atom types as conditioning.
+- ``networks``: periodic, permutation-equivariant message passing over all atom pairs of a cell.
+- ``diffusion``: joint DDPM (lattice) + wrapped-normal score matching (coordinates), DiffCSP-style.
+- ``wgan``: WGAN-GP baseline on the same representation and backbone.
+- ``data`` (CDVAE csv, CIF folders, ASE db), ``train``, ``sample``, ``metrics`` (match rate / RMSE /
+  validity), ``checkpoint`` (versioned files; shipped ones in ``checkpoints/``), ``seeding`` (first
+  generation of GA/PSO via the config's ``initial_population``).
 """

@@ -1,0 +1,169 @@
+"""`globopt generator train | sample | evaluate`: the generative models of generators/ from the shell.
+
+Registered on the main parser by ``add_generator_commands``; every user mistake (missing data set,
+corrupt checkpoint, bad composition) is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE = 0, 2
+log = logging.getLogger("globopt.generators")
+
+
+def add_generator_commands(commands) -> None:
+    generator = commands.add_parser("generator", help="train, sample and evaluate crystal generative models")
+    sub = generator.add_subparsers(dest="generator_command", required=True)
+
+    train = sub.add_parser("train", help="train a diffusion model or WGAN-GP on a data set")
+    train.add_argument("--data", type=Path, required=True, help="CDVAE csv, folder of CIFs, or ASE db")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    train.add_argument("--kind", choices=["diffusion", "wgan"], default="diffusion")
+    train.add_argument("--epochs", type=int, default=100, help="total epochs (counted across --resume)")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=None, help="default 1e-3 (diffusion), 1e-4 (wgan)")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this")
+    train.add_argument("--resume", action="store_true", help="continue training the checkpoint at --out")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--limit", type=int, default=None, help="use only the first N structures")
+    train.add_argument("--hidden", type=int, default=128, help="width of the message-passing network")
+    train.add_argument("--layers", type=int, default=4, help="message-passing layers")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.set_defaults(handler=_cmd_train)
+
+    sample = sub.add_parser("sample", help="generate structures of one composition as CIF files")
+    sample.add_argument("--checkpoint", default="default", help="'default', a shipped name, or a .pt path")
+    sample.add_argument("--composition", required=True, help="cell content, e.g. Na4Cl4")
+    sample.add_argument("--n", type=int, default=16, help="number of structures")
+    sample.add_argument("--out", type=Path, required=True, help="folder for the CIF files")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--steps", type=int, default=None, help="reverse-diffusion steps (default: training's)"
+    )
+    sample.set_defaults(handler=_cmd_sample)
+
+    evaluate = sub.add_parser("evaluate", help="CSP match rate / RMSE / validity on a test set (JSON)")
+    evaluate.add_argument("--checkpoint", default="default")
+    evaluate.add_argument("--data", type=Path, required=True, help="test structures (csv, CIF folder, db)")
+    evaluate.add_argument("--samples", type=int, default=1, help="samples per test composition")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N structures only")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--steps", type=int, default=None, help="reverse-diffusion steps (default: training's)"
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _user_errors():
+    from generators.checkpoint import CheckpointError
+    from generators.data import DataError
+
+    return (CheckpointError, DataError, ValueError)
+
+
+def _run(action) -> int:
+    try:
+        return action()
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("globopt").setLevel(logging.INFO)
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"--{name} must be positive, got {value}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    def action() -> int:
+        import torch
+
+        from generators.train import TrainSettings, train
+
+        for name in ("epochs", "batch_size", "lr", "max_minutes", "limit", "hidden", "layers", "threads"):
+            _positive(name.replace("_", "-"), getattr(args, name))
+        if args.resume and not args.out.is_file():
+            raise ValueError(f"--resume: no checkpoint at {args.out} to continue")
+        torch.set_num_threads(args.threads)
+        _logging()
+        lr = args.lr if args.lr is not None else (1e-3 if args.kind == "diffusion" else 1e-4)
+        settings = TrainSettings(
+            kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+            max_minutes=args.max_minutes, seed=args.seed, limit=args.limit,
+            hyperparameters={"hidden": args.hidden, "layers": args.layers},
+        )  # fmt: skip
+        checkpoint = train(args.data, args.out, settings, resume=args.resume)
+        history = checkpoint.training["history"]
+        print(f"{args.out}: {checkpoint.kind}, {checkpoint.training['epochs']} epochs, last {history[-1]}")
+        return EXIT_OK
+
+    return _run(action)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    def action() -> int:
+        from generators.metrics import structurally_valid
+        from generators.sample import StructureGenerator
+
+        _positive("n", args.n)
+        generator = StructureGenerator(args.checkpoint)
+        _positive("steps", args.steps)
+        structures = generator.generate_composition(
+            args.composition, args.n, seed=args.seed, steps=args.steps
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        valid = 0
+        for i, structure in enumerate(structures):
+            structure.to(filename=str(args.out / f"{args.composition}_{i:03d}.cif"))
+            valid += structurally_valid(structure)
+        print(
+            f"{len(structures)} structures of {args.composition} in {args.out} ({valid} structurally valid)"
+        )
+        return EXIT_OK
+
+    return _run(action)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    def action() -> int:
+        import torch
+
+        from generators.data import load_structures
+        from generators.metrics import evaluate_generator
+        from generators.sample import StructureGenerator
+
+        _positive("samples", args.samples)
+        _positive("limit", args.limit)
+        _positive("steps", args.steps)
+        torch.set_num_threads(args.threads)
+        generator = StructureGenerator(args.checkpoint)
+        references, _ = load_structures(args.data, args.limit)
+        result = evaluate_generator(
+            generator, references, samples=args.samples, seed=args.seed, steps=args.steps
+        )
+        result = {
+            "checkpoint": str(args.checkpoint), "kind": generator.kind, "data": str(args.data),
+            "trained_on": generator.checkpoint.dataset.get("path"), "seed": args.seed, "steps": args.steps,
+            **result,
+        }  # fmt: skip
+        text = json.dumps(result, indent=2)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        print(text)
+        return EXIT_OK
+
+    return _run(action)
