@@ -228,6 +228,31 @@ class OutputConfig(_Section):
     n_best: PositiveInt = Field(10, description="unique lowest-energy structures written to best/")
 
 
+class InitialPopulationConfig(_Section):
+    """First generation of a GA/PSO drawn partly from a trained generative model (generators/)."""
+
+    generator: str | None = Field(
+        None, description="'default' (shipped diffusion model), a shipped checkpoint name or a .pt path"
+    )
+    fraction: float = Field(0.5, ge=0, le=1, description="share of the first generation from the generator")
+    sampling_steps: PositiveInt | None = Field(
+        None, description="reverse-diffusion steps (default: the model's training steps)"
+    )
+
+    @field_validator("generator")
+    @classmethod
+    def _checkpoint_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from generators.checkpoint import CheckpointError, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(value)
+        except CheckpointError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
 class RunConfig(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; output goes to runs/<name>"
@@ -253,6 +278,9 @@ class RunConfig(_Section):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
+    initial_population: InitialPopulationConfig = Field(
+        default_factory=InitialPopulationConfig, description="seed GA/PSO with a generative model"
+    )
     htvs: HtvsConfig | None = Field(None, description="screening of substituted templates (mode: htvs)")
 
     @field_validator("composition", mode="before")
@@ -305,6 +333,15 @@ class RunConfig(_Section):
         if value is not None and not 1 <= value[0] <= value[1]:
             raise ValueError("expected n or [low, high] with 1 <= low <= high")
         return value
+
+    @model_validator(mode="after")
+    def _generator_only_for_ga_pso(self) -> RunConfig:
+        if self.initial_population.generator is not None and self.mode not in ("ga", "pso"):
+            raise ValueError(
+                f"initial_population.generator seeds the first generation of mode ga or pso, "
+                f"not mode {self.mode}; remove it or change the mode"
+            )
+        return self
 
     @model_validator(mode="after")
     def _formula_units_fit(self) -> RunConfig:

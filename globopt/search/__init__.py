@@ -32,7 +32,10 @@ def make_search(config: RunConfig, limits: GeometryLimits | None) -> SearchAlgor
     if config.mode == "ga":
         from globopt.search.ga import GeneticSearch
 
-        return GeneticSearch(contents, limits, config.seed, config.ga, config.objectives, config.random)
+        return GeneticSearch(
+            contents, limits, config.seed, config.ga, config.objectives, config.random,
+            initial_population=config.initial_population,
+        )  # fmt: skip
     if config.mode == "pso":
         from globopt.search.pso import ParticleSwarmSearch
 
@@ -40,6 +43,6 @@ def make_search(config: RunConfig, limits: GeometryLimits | None) -> SearchAlgor
         return ParticleSwarmSearch(
             contents, limits, config.seed, swarm_size=p.swarm_size, inertia=p.inertia, cognitive=p.cognitive,
             social=p.social, regenerate_fraction=p.regenerate_fraction, spacegroups=config.random.spacegroups,
-            volume_factor=config.random.volume_factor,
+            volume_factor=config.random.volume_factor, initial_population=config.initial_population,
         )  # fmt: skip
     raise ValueError(f"unknown search mode {config.mode!r}")

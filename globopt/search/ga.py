@@ -25,6 +25,7 @@ import numpy as np
 from deap import base, tools
 from pymatgen.core import Structure
 
+from generators.seeding import seeds_from_config
 from globopt.candidate import Evaluation, Proposal, Status
 from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
@@ -61,7 +62,16 @@ class Member:
 
 
 class GeneticSearch(SearchAlgorithm):
-    def __init__(self, contents, limits: GeometryLimits, seed: int, ga, objectives, random_config) -> None:
+    def __init__(
+        self,
+        contents,
+        limits: GeometryLimits,
+        seed: int,
+        ga,
+        objectives,
+        random_config,
+        initial_population=None,
+    ) -> None:
         self.contents = [dict(c) for c in contents]
         self.limits = limits
         self.ga = ga
@@ -79,6 +89,8 @@ class GeneticSearch(SearchAlgorithm):
         self.population: list[Member] = []
         self.hall_of_fame: list[dict[str, Any]] = []
         self.initial_target = ga.initial_random or ga.population_size
+        # share of the first generation drawn from a trained generative model (generators/seeding.py)
+        self.seeder = seeds_from_config(initial_population, self.initial_target, self.contents, limits, seed)
         self.initial_proposed = 0
         self.told = 0
         self.last_proposal: tuple[str, tuple[int, ...]] | None = None
@@ -93,6 +105,10 @@ class GeneticSearch(SearchAlgorithm):
     def propose(self) -> Proposal:
         if self.initial_proposed < self.initial_target or len(self.population) < 2:
             self.initial_proposed += 1
+            if self.seeder is not None and (seeded := self.seeder.next()) is not None:
+                _, structure, origin = seeded
+                self._remember("generator", ())
+                return Proposal(structure, origin=origin)
             return self._immigrant("init")
         for _ in range(MAX_OPERATOR_TRIES):
             name = str(self.rng.choice(self._operator_names, p=self._operator_p))
@@ -249,6 +265,7 @@ class GeneticSearch(SearchAlgorithm):
             "outstanding": {str(k): v for k, v in self.outstanding.items()},
             "operator_stats": self.operator_stats,
             "logbook": self.logbook,
+            "generator_seeds": None if self.seeder is None else self.seeder.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,6 +288,8 @@ class GeneticSearch(SearchAlgorithm):
         self.outstanding = {int(k): v for k, v in state["outstanding"].items()}
         self.operator_stats = state["operator_stats"]
         self.logbook = state["logbook"]
+        if self.seeder is not None:
+            self.seeder.load_state_dict(state.get("generator_seeds"))
 
 
 def _nsga2_order(population: list[Member]) -> list[Member]:

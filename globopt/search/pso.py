@@ -66,6 +66,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
+from generators.seeding import seeds_from_config
 from globopt.candidate import Evaluation, Proposal, Status
 from globopt.geometry import GeometryLimits, geometry_problem
 from globopt.search.base import SearchAlgorithm, SearchExhausted
@@ -490,6 +491,7 @@ class ParticleSwarmSearch(SearchAlgorithm):
         regenerate_fraction: float = 0.2,
         spacegroups: list[int] | None = None,
         volume_factor: float = 1.1,
+        initial_population=None,
     ) -> None:
         if swarm_size < 1:
             raise ValueError(f"swarm_size must be at least 1, got {swarm_size}")
@@ -513,6 +515,8 @@ class ParticleSwarmSearch(SearchAlgorithm):
             raise SearchExhausted(f"no space group {where} can hold the cell content(s) {contents}")
         self.matcher = StructureMatcher()
         self.rng = np.random.default_rng(seed)
+        # share of generation 0 drawn from a trained generative model (generators/seeding.py)
+        self.seeder = seeds_from_config(initial_population, swarm_size, self.contents, limits, seed)
         self.particles: list[Particle] = []
         self.content_best: list[Best | None] = [None] * len(self.contents)
         self.ready: list[int] = []  # idle particles, longest idle first
@@ -577,6 +581,7 @@ class ParticleSwarmSearch(SearchAlgorithm):
             "finished_in_generation": self.finished_in_generation,
             "generation": self.generation,
             "proposals": self.proposals,
+            "generator_seeds": None if self.seeder is None else self.seeder.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -594,6 +599,8 @@ class ParticleSwarmSearch(SearchAlgorithm):
         self.finished_in_generation = int(state["finished_in_generation"])
         self.generation = int(state["generation"])
         self.proposals = int(state["proposals"])
+        if self.seeder is not None:
+            self.seeder.load_state_dict(state.get("generator_seeds"))
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def _next_particle(self) -> int | None:
@@ -677,6 +684,10 @@ class ParticleSwarmSearch(SearchAlgorithm):
         particle.regenerate = False
         particle.stalls = 0
         particle.restarts += 1
+        seeded = self.seeder.next() if kind == "init" and self.seeder is not None else None
+        if seeded is not None:
+            particle.content = seeded[0]
+            return Proposal(seeded[1], origin=seeded[2])
         structure, group = self._random_structure(particle.content)
         return Proposal(structure, origin=f"pso:{kind}:sg{group}")
 
