@@ -24,10 +24,20 @@ def bucket_key(structure: Structure, symprec: float) -> tuple[str, int]:
     return structure.composition.reduced_formula, int(number)
 
 
+def reduced_for_matching(structure: Structure) -> Structure:
+    """The Niggli-reduced primitive cell StructureMatcher would compare (same steps, same order).
+
+    Reducing each indexed structure once, instead of inside every ``fit``, removes most of a comparison's
+    cost: pymatgen otherwise re-reduces both structures per pair, and its reduction cache compares whole
+    structures for equality on every lookup.
+    """
+    return structure.get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
+
+
 @dataclass
 class _Entry:
     candidate_id: int
-    structure: Structure
+    reduced: Structure  # see reduced_for_matching
     energy: float | None
 
 
@@ -65,14 +75,21 @@ class DuplicateIndex:
         apart in energy are different structures whatever their geometry looks like.
         """
         key = key or self.key(structure)
-        for entry in self._buckets.get(key, ()):
+        entries = self._buckets.get(key, ())
+        if not entries:
+            return None
+        reduced = reduced_for_matching(structure)
+        for entry in entries:
             if (
                 energy is not None
                 and entry.energy is not None
                 and abs(entry.energy - energy) > self.energy_tol
             ):
                 continue
-            if self.matcher.fit(structure, entry.structure):
+            # Without supercell matching, primitive cells of different sizes never match.
+            if len(entry.reduced) != len(reduced):
+                continue
+            if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
                 return entry.candidate_id
         return None
 
@@ -83,14 +100,15 @@ class DuplicateIndex:
         energy: float | None = None,
         key: tuple[str, int] | None = None,
     ) -> None:
-        self._buckets[key or self.key(structure)].append(_Entry(candidate_id, structure, energy))
+        entry = _Entry(candidate_id, reduced_for_matching(structure), energy)
+        self._buckets[key or self.key(structure)].append(entry)
 
     def replace(self, old_id: int, new_id: int, structure: Structure, energy: float | None) -> None:
         """Make a better-relaxed copy of an indexed minimum its representative."""
         for entries in self._buckets.values():
             for i, entry in enumerate(entries):
                 if entry.candidate_id == old_id:
-                    entries[i] = _Entry(new_id, structure, energy)
+                    entries[i] = _Entry(new_id, reduced_for_matching(structure), energy)
                     return
         raise KeyError(old_id)
 

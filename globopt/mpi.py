@@ -488,6 +488,9 @@ class WorkerPool:
         self.assigned: dict[int, _Assignment] = {}
         self.ready: dict[int, WorkerReady] = {}
         self.idle: deque[int] = deque()
+        # Tasks accepted while every rank was busy; the next rank to finish gets one at once, inside
+        # collect(), without waiting for rank 0 to commit the result and screen a new candidate.
+        self.queued: deque[RelaxTask] = deque()
         self.lost: list[tuple[RelaxTask, Evaluation]] = []
         self.stats = _PoolStats()
         for rank in self.master.workers:
@@ -513,27 +516,38 @@ class WorkerPool:
 
     @property
     def in_flight(self) -> int:
-        return len(self.assigned) + len(self.lost)
+        return len(self.assigned) + len(self.queued) + len(self.lost)
 
     def submit(self, task: RelaxTask) -> None:
+        """Hand the task to an idle rank, or queue it for the next rank that finishes."""
         started = time.perf_counter()
         try:
-            while self.idle:
-                rank = self.idle.popleft()
-                if rank in self.master.gone:
-                    continue
-                if self.master.send(rank, Tag.TASK, task):
-                    self.assigned[rank] = _Assignment(task)
-                    return
-                self._declare_gone(rank, dead=True)
-            # No live idle rank could take it: hand it straight back so the engine re-issues it.
-            self.lost.append((task, _died(task, "no live MPI worker rank could accept it")))
-            self._check_alive()
+            if not self._send_to_idle_rank(task):
+                self.queued.append(task)
+                self._check_alive()
         finally:
             self.stats.protocol += time.perf_counter() - started
 
+    def _send_to_idle_rank(self, task: RelaxTask) -> bool:
+        while self.idle:
+            rank = self.idle.popleft()
+            if rank in self.master.gone:
+                continue
+            if self.master.send(rank, Tag.TASK, task):
+                self.assigned[rank] = _Assignment(task)
+                return True
+            self._declare_gone(rank, dead=True)
+        return False
+
+    def _dispatch_queued(self) -> None:
+        while self.queued and self.idle:
+            if not self._send_to_idle_rank(self.queued[0]):
+                break
+            self.queued.popleft()
+
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
         finished, self.lost = self.lost, []
+        self._dispatch_queued()
         if not self.assigned:
             return finished
         backoff = _Backoff(MASTER_MAX_POLL)
@@ -543,9 +557,10 @@ class WorkerPool:
             received = self.master.receive_all()
             for message in received:
                 finished += self._handle(*message)
+            finished += self._check_silence()
+            self._dispatch_queued()  # a rank that just finished starts its next task before rank 0 commits
             if received:
                 self.stats.protocol += time.perf_counter() - handling
-            finished += self._check_silence()
             if finished or not self.assigned:
                 break
             self._ping_idle()

@@ -131,23 +131,30 @@ def _worker_died(task: RelaxTask) -> Evaluation:
 class MPIScheduler(Scheduler):
     """The worker ranks of an ``mpiexec`` launch, seen from rank 0 (the protocol is in globopt/mpi.py).
 
-    capacity is the number of live worker ranks: it shrinks when a rank dies, and a dead rank's task
-    comes back from collect() as WORKER_DIED like a dead pool process's.
+    capacity is twice the number of live worker ranks: one task relaxing and one queued per rank, so a
+    rank that finishes starts its next task at once instead of waiting while rank 0 commits the result
+    and screens a new candidate. It shrinks when a rank dies; a dead rank's task comes back from
+    collect() as WORKER_DIED like a dead pool process's.
     """
+
+    QUEUED_PER_RANK = 1
 
     def __init__(self, settings: EvaluatorSettings) -> None:
         from globopt.mpi import WorkerPool
 
         self._pool = WorkerPool(settings)
-        self.capacity = self._pool.capacity
+        self._update_capacity()
+
+    def _update_capacity(self) -> None:
+        self.capacity = self._pool.capacity * (1 + self.QUEUED_PER_RANK)
 
     def submit(self, task: RelaxTask) -> None:
         self._pool.submit(task)
-        self.capacity = self._pool.capacity
+        self._update_capacity()
 
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
         finished = self._pool.collect()
-        self.capacity = self._pool.capacity
+        self._update_capacity()
         return finished
 
     @property

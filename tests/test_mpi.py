@@ -221,6 +221,30 @@ def test_pool_hands_back_dead_ranks_tasks_and_never_accepts_a_stale_result(monke
     assert master.stop_sent == {2}, "a rank that says BYE gets its STOP at once"
 
 
+def test_queued_task_starts_on_the_rank_that_finishes_before_rank_0_sees_the_result(monkeypatch) -> None:
+    from globopt.candidate import Evaluation, RelaxTask, Status
+
+    master = _FakeMaster(size=2)
+    monkeypatch.setattr(mpi, "_MASTER", master)
+    pool = mpi.WorkerPool(settings=None)
+    first, queued = RelaxTask(1, None), RelaxTask(2, None)
+    pool.submit(first)
+    pool.submit(queued)  # the only rank is busy: the task waits on rank 0
+    assert pool.in_flight == 2 and [t for _, t, _ in master.sent].count(mpi.Tag.TASK) == 1
+
+    done = Evaluation(1, Status.RELAXED)
+    master.inbox.append((1, mpi.Tag.RESULT, (1, 1, done)))
+    assert pool.collect() == [(first, done)]
+    # by the time the engine sees the result, rank 1 already holds the queued task
+    assert master.sent[-1] == (1, mpi.Tag.TASK, queued) and pool.in_flight == 1
+
+    # a rank that leaves while a task is queued: the queued task is kept for a resume, not lost silently
+    pool.submit(RelaxTask(3, None))
+    master.inbox.append((1, mpi.Tag.BYE, mpi.WorkerStats(label="host:1", reason="terminated (SIGTERM)")))
+    with pytest.raises(mpi.WorkersLost):
+        pool.collect()
+
+
 def test_pool_raises_a_workers_exception_on_rank_0(monkeypatch) -> None:
     from globopt.candidate import RelaxTask
 
