@@ -130,13 +130,31 @@ def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def _library_path() -> Path:
+    """pymatgen's bundled AFLOW library file, found without importing pymatgen.analysis.prototypes: that
+    import decodes all 288 prototypes (tens of seconds on a busy machine) where a screen needs a few."""
+    import importlib.util
+
+    package = importlib.util.find_spec("pymatgen.analysis")  # a namespace package: no __file__
+    folder = Path(next(iter(package.submodule_search_locations)))
+    return folder / "prototypes" / "aflow_prototypes.json.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def _prototype_library() -> list[dict]:
+    """The library as plain JSON (StructureNL dicts are decoded only for the prototypes asked for)."""
+    import gzip
+    import json
+
+    with gzip.open(_library_path(), "rt") as handle:
+        return json.load(handle)
+
+
 @functools.lru_cache(maxsize=1)
 def _prototype_index() -> dict[str, list[int]]:
     """Normalised AFLOW label, Strukturbericht designation and mineral names -> library positions."""
-    from pymatgen.analysis.prototypes import AFLOW_PROTOTYPE_LIBRARY
-
     index: dict[str, list[int]] = {}
-    for position, entry in enumerate(AFLOW_PROTOTYPE_LIBRARY):
+    for position, entry in enumerate(_prototype_library()):
         tags = entry["tags"]
         names = [tags.get("aflow", ""), tags.get("strukturbericht", "")]
         mineral = tags.get("mineral", "") or ""
@@ -150,8 +168,7 @@ def _prototype_index() -> dict[str, list[int]]:
 
 def prototype(name: str) -> tuple[str, Structure]:
     """(AFLOW label, structure) of a prototype by label, Strukturbericht designation or mineral name."""
-    from pymatgen.analysis.prototypes import AFLOW_PROTOTYPE_LIBRARY
-
+    library = _prototype_library()
     index = _prototype_index()
     hits = index.get(_normalise(name), [])
     if not hits:
@@ -164,12 +181,12 @@ def prototype(name: str) -> tuple[str, Structure]:
             f"designation (e.g. B1) or a mineral name from pymatgen's AFLOW library{hint}"
         )
     if len(hits) > 1:
-        labels = [AFLOW_PROTOTYPE_LIBRARY[i]["tags"]["aflow"] for i in hits]
+        labels = [library[i]["tags"]["aflow"] for i in hits]
         raise TemplateError(
             f"prototype name {name!r} is ambiguous ({len(hits)} prototypes: {', '.join(labels[:8])}); "
             f"give the AFLOW label"
         )
-    entry = AFLOW_PROTOTYPE_LIBRARY[hits[0]]
-    structure = entry["snl"].structure.copy()
+    entry = library[hits[0]]
+    structure = Structure.from_dict(entry["snl"])  # the SNL dict holds lattice and sites at its top level
     structure.remove_oxidation_states()
     return entry["tags"]["aflow"], structure
