@@ -161,7 +161,7 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys) -> None:
 
 
 # -- a whole screen with EMT: kill mid-screen, resume, nothing lost or repeated ------------------------------
-def test_sigkill_mid_screen_then_resume(tmp_path: Path) -> None:
+def test_sigkill_mid_screen_then_resume(tmp_path: Path, capsys) -> None:
     config = htvs_config(tmp_path, "emt_screen", EMT_SCREEN)
     expected = len(Enumeration(HtvsConfig.model_validate(EMT_SCREEN), None))  # 7 refs + 9 + 6 + 2
     out = tmp_path / "run"
@@ -199,6 +199,11 @@ def test_sigkill_mid_screen_then_resume(tmp_path: Path) -> None:
     (out / "ranked.csv").unlink()
     assert main(["report", str(out)]) == 0
     assert read_csv(out / "ranked.csv") == ranked
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert f"enumeration: {expected} structures proposed" in status
+    assert f"1. id={ranked[0]['id']}" in status
 
 
 # -- physics: known stable compounds on the hull, known unstable polymorphs above it (real M3GNet) ----------
