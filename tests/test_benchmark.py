@@ -160,6 +160,12 @@ def test_benchmark_runs_every_mode_through_the_engine(tmp_path: Path, capsys) ->
         assert Path(run["run_dir"]).is_dir()
     for mode in ("random", "ga", "pso"):
         assert main(["status", str(out / "runs" / f"Cu3Au-{mode}-s0")]) == 0
+    # every search is an ordinary run directory: `globopt report` gives plots and the best-structure table
+    assert main(["report", str(out / "runs" / "Cu3Au-ga-s0")]) == 0
+    report = (out / "runs" / "Cu3Au-ga-s0" / "report" / "summary.md").read_text()
+    assert "## Best unique structures" in report and "| 1 |" in report and "Cu3Au (4 atoms)" in report
+    assert "## Where the evaluations came from" in report and "| ga:init |" in report
+    assert (out / "runs" / "Cu3Au-ga-s0" / "report" / "convergence.png").stat().st_size > 10_000
     table = (out / "benchmark.md").read_text()
     assert "| Cu3Au (4) |" in table and "**overall** (budget 3)" in table and table.split("\n|")[0] in printed
     assert [row["mode"] for row in document["summary"]["overall"]] == modes
