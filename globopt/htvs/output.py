@@ -7,6 +7,7 @@ at the end of every session and by ``globopt report``, on a finished, killed or 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -88,18 +89,26 @@ def _fmt(value: float | None) -> str:
 def write_stable(
     folder: Path, archive: Archive, ranked: list[ScreenedCandidate], threshold: float
 ) -> list[Path]:
-    """Replace stable/ with CIFs of unique relaxed candidates within ``threshold`` of their hull."""
+    """Replace stable/ with CIFs of unique relaxed candidates within ``threshold`` of their hull.
+
+    Files are named by formula, template and id (ranked.csv holds the order) so a file written by an
+    earlier session is reused as is: a committed relaxed structure never changes, and symmetrising CIFs
+    costs a spglib call each.
+    """
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     written = []
-    for rank, candidate in enumerate(ranked, start=1):
+    for candidate in ranked:
         if not _is_stable(candidate, threshold):
             continue
-        structure = structure_from_json(archive.row(candidate.id)["relaxed"])
         template = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in candidate.template)
-        name = f"{rank:03d}_{candidate.formula}_{template}_id{candidate.id}.cif"
-        CifWriter(structure, symprec=0.1).write_file(staging / name)
+        name = f"{candidate.formula}_{template}_id{candidate.id}.cif"
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, staging / name)
+        else:
+            structure = structure_from_json(archive.row(candidate.id)["relaxed"])
+            CifWriter(structure, symprec=0.1).write_file(staging / name)
         written.append(folder / name)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -116,6 +125,9 @@ def write_hull_plots(folder: Path, analysis: StabilityAnalysis) -> list[Path]:
 
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
+    # chemsys -> the entries a plot shows; a plot whose entries did not change is not drawn again
+    index_path = folder / "plotted.json"
+    plotted = json.loads(index_path.read_text()) if index_path.is_file() else {}
     written = []
     for chemsys in analysis.chemical_systems():
         elements = chemsys.split("-")
@@ -125,6 +137,11 @@ def write_hull_plots(folder: Path, analysis: StabilityAnalysis) -> list[Path]:
         if isinstance(diagram, str):
             continue
         path = folder / f"{chemsys}.png"
+        signature = sorted(f"{e.name}:{e.energy:.6f}" for e in diagram.all_entries)
+        if path.is_file() and plotted.get(chemsys) == signature:
+            written.append(path)
+            continue
+        plotted.pop(chemsys, None)
         try:
             if len(elements) == 2:
                 _binary_plot(diagram, elements, path)
@@ -133,7 +150,11 @@ def write_hull_plots(folder: Path, analysis: StabilityAnalysis) -> list[Path]:
         except Exception as exc:  # a plot is a convenience: never lose ranked.csv over it
             log.warning("hull plot of %s failed: %s", chemsys, exc)
             continue
+        plotted[chemsys] = signature
         written.append(path)
+    tmp = index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(plotted, indent=0))
+    os.replace(tmp, index_path)
     return written
 
 
