@@ -121,6 +121,26 @@ def test_hit_by_structure_or_by_energy() -> None:
     )
 
 
+def test_wurtzite_does_not_match_its_layered_hexagonal_neighbour() -> None:
+    """Wurtzite ZnO vs the layered h-BN-like P6_3/mmc minimum (u = 0.5, a = 3.51, c = 4.51 Å under M3GNet,
+    ~50 meV/atom higher): pymatgen's default tolerances match them in a 4-atom cell; the hit matcher must not.
+    """
+
+    def hexagonal(u: float, a: float, c: float) -> Structure:
+        return Structure.from_spacegroup(
+            "P6_3mc", Lattice.hexagonal(a, c), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, u]]
+        )
+
+    wurtzite = hexagonal(0.382, 3.297, 5.299)
+    layered = hexagonal(0.5, 3.508, 4.512)
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    assert StructureMatcher(scale=False).fit(layered, wurtzite), "the false positive this guards against"
+    assert first_hit([EvaluatedStructure(layered, -4.49, 1.0)], wurtzite, -4.5438, 0.001, 0.0) is None
+    looser = hexagonal(0.380, 3.30, 5.31)  # the same minimum relaxed to fmax 0.05
+    assert first_hit([EvaluatedStructure(looser, -4.52, 1.0)], wurtzite, -4.5438, 0.001, 0.0) is not None
+
+
 EMT_SUITE = {
     "name": "emt",
     "budget": 3,
