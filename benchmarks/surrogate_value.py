@@ -29,10 +29,42 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from csp_success import HIT_TOLERANCE, reference_structures, relax_reference
+from pymatgen.core import Lattice, Structure
+
+# A hit: a relaxed candidate at or below the reference enthalpy + this (energy criterion).
+HIT_TOLERANCE = 0.001  # eV/atom
+
+
+def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
+    """Cell content searched and the known ground-state prototype (relaxed with the potential before use).
+
+    Rutile is the TiO2 reference here (as in the run reported in README); M3GNet-MP-2021.2.8 puts anatase
+    slightly lower, which the energy criterion also counts as a hit.
+    """
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    rutile = Structure.from_spacegroup(
+        "P4_2/mnm", Lattice.tetragonal(4.59, 2.96), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]
+    )
+    wurtzite = Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.377]]
+    )
+    return {
+        "NaCl": ({"Na": 4, "Cl": 4}, nacl),
+        "TiO2": ({"Ti": 2, "O": 4}, rutile),
+        "GaN": ({"Ga": 2, "N": 2}, wurtzite),
+    }
+
+
+def relax_reference(structure: Structure, model: str) -> tuple[float, Structure]:
+    from globopt.benchmark.reference import relax_known
+    from globopt.config import PotentialConfig
+
+    potential = PotentialConfig(kind="matgl", model=model).model_dump()
+    relaxed = relax_known(structure, "given", potential, fmax=0.01, max_steps=1000)
+    return relaxed.energy_per_atom, relaxed.structure
+
 
 USED = ("relaxed", "unconverged", "nan", "exploded", "collapsed", "failed", "worker_died", "stopped_early")
 
@@ -245,7 +277,8 @@ def main() -> None:
     parser.add_argument("--kappa", type=float, default=1.0)
     parser.add_argument("--min-points", type=int, default=6)
     parser.add_argument("--margin", type=float, default=0.3, help="early-stop margin, eV/atom")
-    parser.add_argument("--no-early-stop", action="store_true")
+    parser.add_argument("--no-early-stop", action="store_true", help="GP ranking only (ablation)")
+    parser.add_argument("--variants", nargs="+", choices=["plain", "gp"], default=["plain", "gp"])
     parser.add_argument("--model", default="M3GNet-MP-2021.2.8-PES")
     parser.add_argument(
         "--held-out", type=Path, help="instead: expanding-window accuracy of the GP on this run directory"
@@ -276,7 +309,7 @@ def main() -> None:
         reference_info[system] = energy
         print(f"reference {system}: {energy:.4f} eV/atom", flush=True)
         for seed in args.seeds:
-            for surrogate in (False, True):
+            for surrogate in [v == "gp" for v in args.variants]:
                 result = run_search(system, content, energy, seed, args, surrogate)
                 results.append(result)
                 print(
