@@ -1,11 +1,11 @@
 """Value of generator seeding: evaluations to the first hit of cubic SrTiO3 (M3GNet), GA with a
 generator-seeded first generation versus the GA's usual pyxtal-only first generation.
 
-Same protocol and hit definition as benchmarks/csp_success.py (a relaxed candidate matching the relaxed
-reference, or at most 1 meV/atom above its energy); only ``initial_population`` differs between the arms.
+Same protocol and hit definition as `globopt benchmark` (globopt/benchmark: a relaxed candidate matching the
+relaxed reference, or at most 1 meV/atom above its energy); only ``initial_population`` differs between arms.
 
     GLOBOPT_MODELS=../shared/models .venv/bin/python benchmarks/generator_seeding.py \\
-        --cells 5 10 --seeds 0 1 2 --budget 20 --population 8
+        --cells 5 --seeds 0 1 2 --budget 10 --population 6
 
 Writes benchmarks/results/generator_seeding.json and prints a markdown table.
 """
@@ -16,14 +16,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from csp_success import relax_reference, run_one
 from pymatgen.core import Lattice, Structure
+
+from globopt.benchmark.reference import relax_known
+from globopt.benchmark.runner import SearchJob, run_search
+
+HIT_TOLERANCE = 0.001  # eV/atom
 
 
 def srtio3(cells: int) -> tuple[dict[str, int], Structure]:
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--generator", default="default")
     parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=200, help="reverse-diffusion steps for the seeds")
     parser.add_argument("--model", default="M3GNet-MP-2021.2.8-PES")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "generator_seeding.json"
@@ -53,24 +57,25 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
+    potential = {"kind": "matgl", "model": args.model}
+    folder = Path(tempfile.mkdtemp(prefix="generator_seeding_"))
     for cells in args.cells:
         content, prototype = srtio3(cells)
-        energy, relaxed = relax_reference(prototype, args.model)
-        print(f"reference SrTiO3 ({cells} atoms): {energy:.4f} eV/atom", flush=True)
-        for arm, seeding in (
-            ("pyxtal", None),
-            ("generator", {"generator": args.generator, "fraction": args.fraction}),
-        ):
+        reference = relax_known(prototype, "cubic", potential, fmax=0.01, max_steps=1000)
+        print(f"reference SrTiO3 ({cells} atoms): {reference.energy_per_atom:.4f} eV/atom", flush=True)
+        seeding = {"generator": args.generator, "fraction": args.fraction, "sampling_steps": args.steps}
+        for arm in ("pyxtal", "generator"):
             for seed in args.seeds:
-                extra = {"ga": {"population_size": args.population, "initial_random": args.population}}
-                if seeding:
-                    extra["initial_population"] = seeding
-                job = {
-                    "system": f"SrTiO3-{cells}", "mode": "ga", "seed": seed, "budget": args.budget,
-                    "content": content, "model": args.model, "threads": 1, "extra": extra,
-                    "reference": relaxed.as_dict(), "reference_energy": energy,
-                }  # fmt: skip
-                outcome = {**run_one(job), "arm": arm}
+                search = {"ga": {"population_size": args.population, "initial_random": args.population}}
+                if arm == "generator":
+                    search["initial_population"] = seeding
+                job = SearchJob(
+                    entry=f"SrTiO3-{cells}", mode="ga", seed=seed, budget=args.budget, composition=content,
+                    potential=potential, search=search, run_dir=str(folder / f"{cells}-{arm}-{seed}"),
+                    reference=reference.structure.as_dict(), reference_energy=reference.energy_per_atom,
+                    hit_tolerance=HIT_TOLERANCE,
+                )  # fmt: skip
+                outcome = {**run_search(job), "arm": arm, "system": f"SrTiO3-{cells}"}
                 results.append(outcome)
                 print(json.dumps(outcome), flush=True)
     table = []
