@@ -214,9 +214,9 @@ class SurrogateConfig(_Section):
     descriptor: Literal["rdf"] = Field("rdf", description="structure descriptor (surrogates/descriptors.py)")
     kappa: float = Field(1.0, ge=0, description="lower confidence bound mu - kappa*sigma ranks proposals")
     candidates_per_slot: int = Field(
-        4, ge=1, le=100, description="screened proposals drawn per free worker slot; the best LCB is relaxed"
+        6, ge=1, le=100, description="screened proposals drawn per free worker slot; the best LCB is relaxed"
     )
-    min_points: int = Field(10, ge=3, description="relaxed structures before the GP starts ranking")
+    min_points: int = Field(6, ge=3, description="relaxed structures before the GP starts ranking")
     refit_every: PositiveInt = Field(10, description="new points between hyperparameter refits (at least)")
     refit_growth: float = Field(0.1, ge=0, description="...or this fraction of the data, whichever is more")
     sparse_above: PositiveInt = Field(1000, description="points above which the GP becomes sparse (SGPR)")
