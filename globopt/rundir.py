@@ -69,6 +69,7 @@ class RunDirectory:
         self.results_path = path / "results.csv"
         self.best_path = path / "best"
         self._lock_handle = None
+        self._cif_cache: dict[int, tuple[str, str]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @classmethod
@@ -181,10 +182,10 @@ class RunDirectory:
         staging.mkdir()
         written = []
         for rank, row in enumerate(rows, start=1):
-            structure = structure_from_json(row["relaxed"])
+            formula, cif = self._symmetrized_cif(row["id"], row["relaxed"])
             sg = (row["spacegroup"] or "P1").replace("/", "_")
-            name = f"{rank:03d}_{structure.composition.reduced_formula}_{sg}_id{row['id']}.cif"
-            CifWriter(structure, symprec=0.1).write_file(staging / name)
+            name = f"{rank:03d}_{formula}_{sg}_id{row['id']}.cif"
+            (staging / name).write_text(cif)
             written.append(self.best_path / name)
         old = self.path / "best.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -193,6 +194,20 @@ class RunDirectory:
         os.replace(staging, self.best_path)
         shutil.rmtree(old, ignore_errors=True)
         return written
+
+    def _symmetrized_cif(self, candidate_id: int, relaxed_json: str) -> tuple[str, str]:
+        """(reduced formula, CIF text) of a relaxed structure, kept for the rest of the session.
+
+        best/ is rewritten at every new best; the symmetry analysis behind each CIF cost about 50 ms, and
+        a committed structure never changes, so each is analysed once.
+        """
+        if candidate_id not in self._cif_cache:
+            structure = structure_from_json(relaxed_json)
+            self._cif_cache[candidate_id] = (
+                structure.composition.reduced_formula,
+                str(CifWriter(structure, symprec=0.1)),
+            )
+        return self._cif_cache[candidate_id]
 
 
 def _pareto_ids(archive: Archive, objectives: Sequence[Any]) -> set[int]:
