@@ -111,20 +111,25 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
     from globopt.progress import Progress
     from globopt.rundir import RunDirectory
 
-    config = parse_config(globopt_config(job), source=f"benchmark search {job.label}")
     path = Path(job.run_dir)
-    if (path / "archive.sqlite").exists():
-        run, config = RunDirectory.open_existing(path, config)
-    else:
-        run = RunDirectory.create(path, config)
-    try:
-        summary = Engine(config, run, Progress(False)).run()
-    finally:
-        run.release_lock()
-    if summary.interrupted:
-        raise KeyboardInterrupt(f"benchmark search {job.label} interrupted")
+    run = RunDirectory(path)
+    if not _finished(run, job.budget):
+        # a finished search is only read back: its stored config may predate newer config keys
+        config = parse_config(globopt_config(job), source=f"benchmark search {job.label}")
+        if run.archive_path.exists():
+            run, config = RunDirectory.open_existing(path, config)
+        else:
+            run = RunDirectory.create(path, config)
+        try:
+            summary = Engine(config, run, Progress(False)).run()
+        finally:
+            run.release_lock()
+        if summary.interrupted:
+            raise KeyboardInterrupt(f"benchmark search {job.label} interrupted")
     archive = run.open_archive()
     try:
+        best_rows = archive.best_unique(1)
+        best = best_rows[0]["enthalpy_per_atom"] if best_rows else None
         used = tuple(s.value for s in Status if s.used_potential)
         rows = [r for r in archive.rows() if r["status"] in used]
         started = min((r["created_at"] for r in archive.rows()), default=time.time())
@@ -138,7 +143,17 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
         ]
     finally:
         archive.close()
-    return evaluations, started, summary.best_enthalpy_per_atom
+    return evaluations, started, best
+
+
+def _finished(run, budget: int) -> bool:
+    if not run.archive_path.exists():
+        return False
+    archive = run.open_archive()
+    try:
+        return archive.count_used_potential() >= budget and not archive.pending_tasks()
+    finally:
+        archive.close()
 
 
 def job_summary_line(result: dict[str, Any]) -> str:
