@@ -40,8 +40,12 @@ class GeneratorCheckpoint:
     model_state: dict[str, torch.Tensor]
     training: dict[str, Any] = field(default_factory=dict)
     optimizer_states: dict[str, Any] = field(default_factory=dict)
+    _model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def build_model(self) -> nn.Module:
+        """The model with the checkpoint's weights, in eval mode (built once; later calls reuse it)."""
+        if self._model is not None:
+            return self._model
         model = build_model(self.kind, self.hyperparameters)
         try:
             model.load_state_dict(self.model_state)
@@ -50,6 +54,7 @@ class GeneratorCheckpoint:
                 f"checkpoint weights do not fit a {self.kind} model with {self.hyperparameters}: {exc}"
             ) from None
         model.eval()
+        self._model = model
         return model
 
     def save(self, path: str | Path, with_optimizer: bool = True) -> None:

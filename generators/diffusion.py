@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -48,6 +49,13 @@ def wrapped_normal_score(displacement: torch.Tensor, sigma: torch.Tensor) -> tor
     return (weights * (-shifted / sigma**2)).sum(-1)
 
 
+@functools.lru_cache(maxsize=4)
+def _score_norms_for(sigma_min: float, sigma_max: float, timesteps: int) -> torch.Tensor:
+    """The normalisers of one schedule, computed once per process (a model load should not pay for it)."""
+    t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+    return _score_norms(sigma_min * (sigma_max / sigma_min) ** t)
+
+
 def _score_norms(sigmas: torch.Tensor, grid: int = 2000) -> torch.Tensor:
     """E[score^2] of the wrapped normal at each sigma, by quadrature over one period (deterministic)."""
     x = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid - 0.5
@@ -82,7 +90,7 @@ class CrystalDiffusion(nn.Module):
         sigmas[0] = 0.0
         self.register_buffer("sigmas", sigmas.float(), persistent=False)
         norms = torch.ones_like(sigmas)
-        norms[1:] = _score_norms(sigmas[1:]).double()
+        norms[1:] = _score_norms_for(c.sigma_min, c.sigma_max, c.timesteps).double()
         self.register_buffer("score_norms", norms.float(), persistent=False)
 
     def hyperparameters(self) -> dict:

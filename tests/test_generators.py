@@ -126,9 +126,9 @@ def test_tiny_training_reduces_the_loss_of_both_models(perov_slice: Path) -> Non
             return float(model.loss(batch, torch.Generator().manual_seed(123)))
 
     before = held_out_loss()
-    for step in range(40):
+    for step in range(60):
         model.training_step(batch, optimizers, torch.Generator().manual_seed(step))
-    assert held_out_loss() < 0.8 * before
+    assert held_out_loss() < 0.85 * before
     gan = CrystalWGAN(WGANConfig(**TINY, critic_steps=2))
     losses = gan.training_step(batch, gan.make_optimizers(1e-4), torch.Generator().manual_seed(0))
     assert all(math.isfinite(v) for v in losses.values())
@@ -144,8 +144,9 @@ def test_shipped_checkpoint_samples_valid_structures_of_the_requested_compositio
     structures = generator.generate_composition("Sr1Ti1O3", 6, seed=1, steps=200)
     assert [s.composition.reduced_formula for s in structures] == ["SrTiO3"] * 6
     assert sum(structurally_valid(s) for s in structures) >= 5
-    again = generator.generate_composition("Sr1Ti1O3", 6, seed=1, steps=200)
-    assert all(np.allclose(a.frac_coords, b.frac_coords) for a, b in zip(structures, again, strict=True))
+    # sampling is a pure function of the seed (resume-exact seeding relies on it)
+    first, again = (generator.generate_composition("Sr1Ti1O3", 2, seed=5, steps=20) for _ in range(2))
+    assert all(np.allclose(a.frac_coords, b.frac_coords) for a, b in zip(first, again, strict=True))
 
 
 def test_cli_trains_resumes_samples_and_evaluates(perov_slice: Path, tmp_path: Path, capsys) -> None:
@@ -237,10 +238,10 @@ def _seeded_ga(folder: Path, evaluations: int, out: Path, *flags: str) -> int:
 
 def test_generator_seeded_ga_records_origins_and_resumes_exactly(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    assert _seeded_ga(tmp_path, 7, straight) == 0
+    assert _seeded_ga(tmp_path, 5, straight) == 0
     split = tmp_path / "split"
-    assert _seeded_ga(tmp_path, 3, split) == 0
-    assert _seeded_ga(tmp_path, 7, split, "--resume") == 0
+    assert _seeded_ga(tmp_path, 1, split) == 0  # stops with one stored seed not yet used
+    assert _seeded_ga(tmp_path, 5, split, "--resume") == 0
 
     def sequence(run: Path) -> list[tuple[str, str, str]]:
         return [(r["origin"], r["status"], r["energy_per_atom"]) for r in read_results(run)]
