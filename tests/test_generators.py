@@ -29,6 +29,15 @@ PEROV_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" 
 TINY = {"hidden": 32, "layers": 2, "n_freq": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one thread is faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def perov_slice(tmp_path_factory) -> Path:
     """The first 24 rows of Perov-5 val as a small CDVAE csv (skips when the shared data is absent)."""
@@ -254,3 +263,13 @@ def test_generator_seeded_ga_records_origins_and_resumes_exactly(tmp_path: Path)
     state = json.loads(db.execute("SELECT value FROM search_state").fetchone()[0])
     db.close()
     assert state["generator_seeds"]["used"] == 2 and len(state["generator_seeds"]["seeds"]) == 2
+
+
+def test_generator_seeded_pso_records_origins(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, name="pso", composition="Ni1Pt1O3", seed=3, mode="pso", budget={"evaluations": 2},
+        potential={"kind": "emt"}, relax={"max_steps": 40}, pso={"swarm_size": 4}, initial_population=SEEDED,
+    )  # fmt: skip
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    origins = [r["origin"] for r in read_results(tmp_path / "run")]
+    assert origins == ["generator:diffusion"] * 2  # half of the 4 particles of generation 0, proposed first
