@@ -395,19 +395,26 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config; raise ConfigError with every problem named by key."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str, expected_keys: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError when it is missing, not YAML or not a mapping.
+
+    ``what`` names the file in the message ("config file"), ``expected_keys`` hints at its top-level keys.
+    """
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of keys (name, mode, composition, ...) at the top level"
-        )
+        raise ConfigError(f"{path}: expected a mapping of keys ({expected_keys}, ...) at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; raise ConfigError with every problem named by key."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "config file", "name, mode, composition")
     return parse_config(resolve_paths(data, path.resolve().parent), source=str(path))
 
 

@@ -49,13 +49,8 @@ class SurrogateScreen:
 
     @classmethod
     def from_config(cls, config) -> SurrogateScreen:
+        # RunConfig validation guarantees a composition here: it rejects surrogate.enabled with mode htvs.
         s = config.surrogate
-        if config.composition is None:
-            from globopt.config import ConfigError
-
-            raise ConfigError(
-                f"surrogate.enabled needs a composition (modes random, ga, pso), not mode {config.mode}"
-            )
         settings = GPSettings(
             min_points=s.min_points,
             refit_every=s.refit_every,

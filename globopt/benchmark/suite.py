@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,7 +26,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.groups import SpaceGroup
 
 from globopt.composition import MAX_ATOMS
-from globopt.config import ConfigError, PotentialConfig
+from globopt.config import ConfigError, PotentialConfig, read_yaml_mapping
 
 SEARCH_MODES = ("random", "ga", "pso", "ase-ga")
 
@@ -150,14 +149,7 @@ class Suite:
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite file and build its structures; ConfigError names every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark suite {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with name, structures, ... at the top level")
+    data = read_yaml_mapping(path, "benchmark suite", "name, structures")
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as exc:
