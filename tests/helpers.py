@@ -68,3 +68,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> Non
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def sigkill_after_commits(*args: str, out: Path, cwd: Path, count: int, timeout: float) -> dict[int, tuple]:
+    """Run `globopt ARGS`, SIGKILL it once ``count`` evaluations are committed in ``out``; those rows.
+
+    SIGKILL, not SIGTERM: no handler runs and nothing is flushed, as when a node dies or the batch system
+    kills the job.
+    """
+    process = globopt_process(*args, cwd=cwd)
+    try:
+        wait_for(lambda: len(committed(out)) >= count, timeout=timeout, what=f"{count} committed evaluations")
+    finally:
+        process.kill()
+        process.communicate()
+    return committed(out)

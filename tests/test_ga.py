@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import committed, emt_config, globopt_process, read_results, wait_for
+from helpers import committed, emt_config, globopt_process, read_results, sigkill_after_commits
 
 from globopt.cli import main
 from globopt.config import parse_config
@@ -86,13 +86,9 @@ def test_interrupted_then_resumed_ga_continues_the_same_search(tmp_path: Path) -
 def test_sigkill_mid_run_resumes_from_the_checkpointed_population(tmp_path: Path) -> None:
     config = emt_config(tmp_path, name="ga", evaluations=24, mode="ga", ga=GA)
     out = tmp_path / "run"
-    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
-    try:
-        wait_for(lambda: len(committed(out)) >= 10, timeout=180, what="ten committed evaluations")
-    finally:
-        process.kill()
-        process.communicate()
-    before = committed(out)
+    before = sigkill_after_commits(
+        "run", str(config), "--out", str(out), out=out, cwd=tmp_path, count=10, timeout=180
+    )
     population_before = [m["id"] for m in search_state(out)["population"]]
     assert population_before
     resumed = globopt_process("resume", str(out), cwd=tmp_path)

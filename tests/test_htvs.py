@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import committed, globopt_process, wait_for, write_config
+from helpers import committed, globopt_process, sigkill_after_commits, write_config
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
@@ -165,13 +165,9 @@ def test_sigkill_mid_screen_then_resume(tmp_path: Path, capsys) -> None:
     config = htvs_config(tmp_path, "emt_screen", EMT_SCREEN)
     expected = len(Enumeration(HtvsConfig.model_validate(EMT_SCREEN), None))  # 7 refs + 9 + 6 + 2
     out = tmp_path / "run"
-    first = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
-    try:
-        wait_for(lambda: len(committed(out)) >= 8, timeout=300, what="eight committed evaluations")
-    finally:
-        first.kill()
-        first.communicate()
-    before = committed(out)
+    before = sigkill_after_commits(
+        "run", str(config), "--out", str(out), out=out, cwd=tmp_path, count=8, timeout=300
+    )
     assert 8 <= len(before) < expected
     second = globopt_process("resume", str(out), cwd=tmp_path)
     output, _ = second.communicate(timeout=600)

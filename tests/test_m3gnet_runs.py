@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import committed, globopt_process, read_results, wait_for, write_config
+from helpers import committed, globopt_process, read_results, sigkill_after_commits, write_config
 
 from globopt.cli import main
 
@@ -39,13 +39,9 @@ def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path: Path, m
         potential={"model": "M3GNet-MP-2021.2.8-PES"},
     )  # fmt: skip
     out = tmp_path / "run"
-    first = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
-    try:
-        wait_for(lambda: len(committed(out)) >= 3, timeout=400, what="three committed evaluations")
-    finally:
-        first.kill()  # SIGKILL: no handler runs, nothing is flushed
-        first.communicate()
-    before = committed(out)
+    before = sigkill_after_commits(
+        "run", str(config), "--out", str(out), out=out, cwd=tmp_path, count=3, timeout=400
+    )
     assert 3 <= len(before) < budget
 
     second = globopt_process("resume", str(out), cwd=tmp_path)
