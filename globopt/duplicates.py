@@ -67,7 +67,11 @@ class DuplicateIndex:
         return sum(len(entries) for entries in self._buckets.values())
 
     def find(
-        self, structure: Structure, energy: float | None = None, key: tuple[str, int] | None = None
+        self,
+        structure: Structure,
+        energy: float | None = None,
+        key: tuple[str, int] | None = None,
+        reduced: Structure | None = None,
     ) -> int | None:
         """Id of an indexed structure equivalent to this one, or None.
 
@@ -78,7 +82,8 @@ class DuplicateIndex:
         entries = self._buckets.get(key, ())
         if not entries:
             return None
-        reduced = reduced_for_matching(structure)
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
         for entry in entries:
             if (
                 energy is not None
@@ -99,16 +104,29 @@ class DuplicateIndex:
         structure: Structure,
         energy: float | None = None,
         key: tuple[str, int] | None = None,
+        reduced: Structure | None = None,
     ) -> None:
-        entry = _Entry(candidate_id, reduced_for_matching(structure), energy)
+        """Index a structure; ``key`` and ``reduced`` when the caller already has them from ``find``."""
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
+        entry = _Entry(candidate_id, reduced, energy)
         self._buckets[key or self.key(structure)].append(entry)
 
-    def replace(self, old_id: int, new_id: int, structure: Structure, energy: float | None) -> None:
+    def replace(
+        self,
+        old_id: int,
+        new_id: int,
+        structure: Structure,
+        energy: float | None,
+        reduced: Structure | None = None,
+    ) -> None:
         """Make a better-relaxed copy of an indexed minimum its representative."""
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
         for entries in self._buckets.values():
             for i, entry in enumerate(entries):
                 if entry.candidate_id == old_id:
-                    entries[i] = _Entry(new_id, reduced_for_matching(structure), energy)
+                    entries[i] = _Entry(new_id, reduced, energy)
                     return
         raise KeyError(old_id)
 

@@ -24,7 +24,7 @@ from pymatgen.core import Structure
 from globopt.archive import Archive, structure_from_json
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.config import RunConfig
-from globopt.duplicates import DuplicateIndex
+from globopt.duplicates import DuplicateIndex, reduced_for_matching
 from globopt.evaluation import EvaluatorSettings
 from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
 from globopt.objectives import objective_values
@@ -240,27 +240,30 @@ class Engine:
         if self.surrogate is not None and self.surrogate.ready:
             return self._next_task_by_surrogate()
         proposal = self.search.propose()
-        key = self._screen(proposal)
-        if key is None:
+        screened = self._screen(proposal)
+        if screened is None:
             return None
+        key, reduced = screened
         candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
-        self.initial_index.add(candidate_id, proposal.structure, key=key)
+        self.initial_index.add(candidate_id, proposal.structure, key=key, reduced=reduced)
         return self._task(candidate_id, proposal.structure)
 
-    def _screen(self, proposal: Proposal) -> tuple | None:
-        """Geometry and duplicate checks; the duplicate-index key when it passes, None (recorded) if not."""
+    def _screen(self, proposal: Proposal) -> tuple[tuple, Structure] | None:
+        """Geometry and duplicate checks; None (recorded) if it fails, else the duplicate-index key and
+        reduced cell, so indexing the proposal later does not reduce it again."""
         problem = geometry_problem(proposal.structure, self._limits_for(proposal))
         if problem:
             self._record_screened(proposal, Status.REJECTED, problem)
             return None
         key = self.initial_index.key(proposal.structure)
-        match = self.initial_index.find(proposal.structure, key=key) or self.relaxed_index.find(
-            proposal.structure
-        )
+        reduced = reduced_for_matching(proposal.structure)
+        match = self.initial_index.find(
+            proposal.structure, key=key, reduced=reduced
+        ) or self.relaxed_index.find(proposal.structure, reduced=reduced)
         if match is not None:
             self._record_screened(proposal, Status.DUPLICATE, f"same structure as candidate {match}", match)
             return None
-        return key
+        return key, reduced
 
     def _task(self, candidate_id: int, structure) -> RelaxTask:
         best = self.best[0] if self.best is not None and self.settings.early_stop is not None else None
@@ -280,13 +283,13 @@ class Engine:
         misses = 0
         while len(batch) < wanted and misses < MAX_CONSECUTIVE_REJECTIONS // 10:
             proposal = self.search.propose()
-            key = self._screen(proposal)
-            if key is None:
+            screened = self._screen(proposal)
+            if screened is None:
                 misses += 1
                 continue
             misses = 0
             candidate_id = self.archive.add_candidate(proposal, Status.PENDING, self._state_after_proposal)
-            batch.append((candidate_id, proposal.structure, key))
+            batch.append((candidate_id, proposal.structure, screened))
         if not batch:
             return None
         descriptors = [self.surrogate.descriptor(structure) for _, structure, _ in batch]
@@ -306,8 +309,8 @@ class Engine:
             self.search.tell(candidate_id, skipped)
             self.archive.commit_evaluation(skipped, self.search.state_dict())
             self.run_dir.append_result(self.archive, candidate_id)
-        candidate_id, structure, key = batch[chosen]
-        self.initial_index.add(candidate_id, structure, key=key)
+        candidate_id, structure, (key, reduced) = batch[chosen]
+        self.initial_index.add(candidate_id, structure, key=key, reduced=reduced)
         self._predictions[candidate_id] = (predictions[chosen], descriptors[chosen])
         return self._task(candidate_id, structure)
 
@@ -398,12 +401,13 @@ class Engine:
             evaluation.enthalpy_per_atom,
             evaluation.candidate_id,
         )
-        match = self.relaxed_index.find(structure, energy)
+        reduced = reduced_for_matching(structure)
+        match = self.relaxed_index.find(structure, energy, reduced=reduced)
         if match is None:
-            self.relaxed_index.add(candidate_id, structure, energy)
+            self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced)
             return None, None
         if energy < self.relaxed_index.energy_of(match):
-            self.relaxed_index.replace(match, candidate_id, structure, energy)
+            self.relaxed_index.replace(match, candidate_id, structure, energy, reduced=reduced)
             return None, match
         return match, None
 
