@@ -211,7 +211,9 @@ class SurrogateConfig(_Section):
     """Gaussian-process surrogate that decides which proposals get relaxed (surrogates/gp.py)."""
 
     enabled: bool = False
-    descriptor: Literal["rdf"] = Field("rdf", description="structure descriptor (surrogates/descriptors.py)")
+    descriptor: Literal["rdf", "m3gnet", "m3gnet_embedding", "m3gnet_energy"] = Field(
+        "rdf", description="structure descriptor (surrogates/descriptors.py, surrogates/m3gnet_descriptor.py)"
+    )
     kappa: float = Field(1.0, ge=0, description="lower confidence bound mu - kappa*sigma ranks proposals")
     candidates_per_slot: int = Field(
         6, ge=1, le=100, description="screened proposals drawn per free worker slot; the best LCB is relaxed"

@@ -41,8 +41,17 @@ def lower_confidence_bound(mu: np.ndarray, sigma: np.ndarray, kappa: float) -> n
 class SurrogateScreen:
     """Descriptor + GP + LCB ranking, fed from the archive."""
 
-    def __init__(self, elements: Iterable[str], descriptor: str, kappa: float, gp: GPSettings) -> None:
-        self.describe = make_descriptor(descriptor, elements)
+    def __init__(
+        self,
+        elements: Iterable[str],
+        descriptor: str,
+        kappa: float,
+        gp: GPSettings,
+        model: str | None = None,
+    ) -> None:
+        # model: the matgl model the M3GNet descriptors run (None: the default M3GNet); loaded at the first
+        # descriptor call, once per process
+        self.describe = make_descriptor(descriptor, elements, model)
         self.kappa = kappa
         self.gp = GPSurrogate(gp)
         self.seconds = 0.0  # master time spent describing, fitting and predicting (for the overhead report)
@@ -59,7 +68,10 @@ class SurrogateScreen:
             inducing_points=s.inducing_points,
             seed=config.seed,
         )
-        return cls(config.composition, s.descriptor, s.kappa, settings)
+        # the M3GNet descriptors use the run's own model when it relaxes with matgl (it is loaded already),
+        # else (EMT, CHGNet, any ASE calculator) the default M3GNet
+        model = config.potential.model if config.potential.kind == "matgl" else None
+        return cls(config.composition, s.descriptor, s.kappa, settings, model)
 
     @property
     def ready(self) -> bool:

@@ -16,14 +16,17 @@ needs that), plus the volume per atom. It is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 from pymatgen.core import Structure
 
-DESCRIPTORS = ("rdf",)
+# "m3gnet*" are in surrogates/m3gnet_descriptor.py: one forward pass of the run's M3GNet potential each
+# multiplicity of the single-point energy column in "m3gnet" (see surrogates/m3gnet_descriptor.py)
+M3GNET_ENERGY_WEIGHT = 1
+DESCRIPTORS = ("rdf", "m3gnet", "m3gnet_embedding", "m3gnet_energy")
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,23 @@ def pair_distances(
     return i, j, distances[mask]
 
 
-def make_descriptor(kind: str, elements: Iterable[str]) -> PairRDFDescriptor:
+def make_descriptor(
+    kind: str, elements: Iterable[str], model: str | None = None
+) -> Callable[[Structure], np.ndarray]:
+    """The descriptor called ``kind`` for a run over ``elements``.
+
+    ``model`` is the run's matgl model (name or folder) for the M3GNet descriptors; None means the default
+    model (e.g. a test run whose relaxations use EMT still describes structures with M3GNet).
+    """
+    elements = tuple(elements)
     if kind == "rdf":
-        return PairRDFDescriptor(tuple(elements))
+        return PairRDFDescriptor(elements)
+    if kind in DESCRIPTORS:
+        from surrogates.m3gnet import DEFAULT_MODEL
+        from surrogates.m3gnet_descriptor import M3GNetDescriptor
+
+        weight = {"m3gnet": M3GNET_ENERGY_WEIGHT, "m3gnet_embedding": 0, "m3gnet_energy": 1}[kind]
+        return M3GNetDescriptor(
+            elements, model or DEFAULT_MODEL, features=kind != "m3gnet_energy", energy_weight=weight
+        )
     raise ValueError(f"unknown descriptor {kind!r}; available: {', '.join(DESCRIPTORS)}")

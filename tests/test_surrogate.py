@@ -19,7 +19,7 @@ from globopt.candidate import RelaxTask, Status
 from globopt.cli import main
 from globopt.config import ConfigError, PotentialConfig, parse_config
 from globopt.evaluation import EvaluatorSettings, evaluate
-from surrogates.descriptors import PairRDFDescriptor
+from surrogates.descriptors import DESCRIPTORS, M3GNET_ENERGY_WEIGHT, PairRDFDescriptor, make_descriptor
 from surrogates.early_stop import EarlyStopSettings, projected_final
 from surrogates.gp import GPSettings, GPSurrogate, fit_sizes
 from surrogates.relax import RelaxSettings
@@ -83,6 +83,73 @@ def test_descriptor_rejects_foreign_elements() -> None:
     nacl = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     with pytest.raises(ValueError, match="not among the descriptor elements"):
         DESCRIBE(nacl)
+
+
+# -- M3GNet descriptors (real model from ../shared/models) ------------------------------------------------
+def test_m3gnet_descriptor_is_invariant_and_carries_the_single_point_energy(models_dir: Path) -> None:
+    from globopt.archive import structure_from_json, structure_to_json
+    from surrogates.m3gnet import make_calculator
+
+    describe = make_descriptor("m3gnet", ["O", "Ti"])
+    structure = random_tio2(np.random.default_rng(2))
+    reference = describe(structure)
+    # one 64-wide block of mean final atom features per element (O, then Ti), then the energy column(s)
+    assert reference.shape == (describe.size,) == (2 * 64 + M3GNET_ENERGY_WEIGHT,)
+    assert np.all(np.isfinite(reference))
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    atoms.calc = make_calculator()
+    assert reference[-1] == pytest.approx(atoms.get_potential_energy() / len(atoms), abs=1e-4)
+    assert np.allclose(describe(structure * (1, 2, 1)), reference, atol=1e-4)
+    permuted = Structure.from_sites([structure[i] for i in (5, 3, 1, 2, 0, 4)])
+    assert np.allclose(describe(permuted), reference, atol=1e-4)
+    rotated = structure.copy()
+    rotated.apply_operation(_rotation_about_z(1.1))
+    assert np.allclose(describe(rotated), reference, atol=1e-4)
+    # the GP rebuilt on resume reads initial structures back from the archive: same vector
+    assert np.array_equal(describe(structure_from_json(structure_to_json(structure))), reference)
+    moved = structure.copy()
+    moved.translate_sites([0], [0.1, 0.0, 0.0])
+    assert not np.allclose(describe(moved), reference, atol=1e-3)
+    # the variants: embedding alone, energy alone
+    embedding, energy = (
+        make_descriptor("m3gnet_embedding", ["O", "Ti"]),
+        make_descriptor("m3gnet_energy", ["Ti", "O"]),
+    )
+    assert np.array_equal(embedding(structure), reference[:128])
+    assert energy(structure).tolist() == [reference[-1]]
+
+
+def test_m3gnet_descriptor_sees_composition_and_rejects_foreign_elements(models_dir: Path) -> None:
+    describe = make_descriptor("m3gnet_embedding", ["Cu", "Au"])
+    structure = random_cuau(np.random.default_rng(4))
+    swapped = structure.copy()
+    swapped.replace_species({"Cu": "Au", "Au": "Cu"})
+    assert not np.allclose(describe(swapped), describe(structure), atol=1e-3)
+    nacl = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(ValueError, match="not among the descriptor elements"):
+        describe(nacl)
+
+
+def random_tio2(rng: np.random.Generator) -> Structure:
+    """Rutile with a random strain and displacements (an unrelaxed proposal-like Ti2O4 cell)."""
+    rutile = Structure.from_spacegroup(
+        "P4_2/mnm", Lattice.tetragonal(4.59, 2.96), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]
+    )
+    strain = np.eye(3) + rng.normal(0, 0.05, (3, 3))
+    return Structure(
+        Lattice(rutile.lattice.matrix @ strain),
+        rutile.species,
+        rutile.cart_coords @ strain + rng.normal(0, 0.1, (6, 3)),
+        coords_are_cartesian=True,
+    )
+
+
+@pytest.mark.parametrize("name", DESCRIPTORS)
+def test_config_accepts_every_descriptor(name: str) -> None:
+    base = {"name": "x", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    assert parse_config({**base, "surrogate": {"descriptor": name}}).surrogate.descriptor == name
+    with pytest.raises(ConfigError, match=r"surrogate\.descriptor"):
+        parse_config({**base, "surrogate": {"descriptor": "soap"}})
 
 
 # -- GP ---------------------------------------------------------------------------------------------------
@@ -227,3 +294,13 @@ def test_surrogate_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"surrogate\.early_stop\.margin"):
         parse_config({**base, "surrogate": {"early_stop": {"margin": 0}}})
     assert parse_config(base).surrogate.enabled is False
+
+
+def test_engine_ranks_proposals_with_the_m3gnet_descriptor(tmp_path: Path, models_dir: Path) -> None:
+    """The engine path: rank 0 describes each proposal with one M3GNet pass (EMT relaxes, M3GNet ranks)."""
+    surrogate = {**SURROGATE, "descriptor": "m3gnet", "early_stop": {"enabled": False}}
+    config = emt_config(tmp_path, name="gp-m3gnet", evaluations=8, mode="ga", ga=GA, surrogate=surrogate)
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    statuses = [r["status"] for r in read_results(tmp_path / "run")]
+    assert sum(Status(s).used_potential for s in statuses) == 8
+    assert statuses.count("skipped") >= 2, "the GP on M3GNet descriptors must have ranked proposals"
