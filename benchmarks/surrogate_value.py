@@ -162,18 +162,19 @@ def prediction_quality(predictions: list[dict]) -> dict:
     }
 
 
-def held_out_accuracy(run_dir: Path, start: int) -> dict:
+def held_out_accuracy(run_dir: Path, start: int, descriptor: str = "rdf") -> dict:
     """Expanding-window test on an existing run's archive (e.g. a plain random search with M3GNet).
 
     Relaxed candidates in commit order; candidate k is predicted by a GP trained on candidates 1..k-1 (its
     descriptor is of the *initial* structure, the target its relaxed enthalpy per atom), exactly what the
     engine would have predicted before relaxing it. Baselines (scikit-learn): the running mean, and
-    5-nearest-neighbours on the same descriptors.
+    5-nearest-neighbours on the same descriptors. benchmarks/surrogate_descriptors.py compares the
+    descriptors on many runs pooled per composition.
     """
     from sklearn.neighbors import KNeighborsRegressor
 
     from globopt.archive import Archive, structure_from_json
-    from surrogates.descriptors import PairRDFDescriptor
+    from surrogates.descriptors import make_descriptor
     from surrogates.gp import GPSettings, GPSurrogate
 
     archive = Archive(run_dir / "archive.sqlite")
@@ -187,7 +188,8 @@ def held_out_accuracy(run_dir: Path, start: int) -> dict:
     structures = [structure_from_json(r["initial"]) for r in rows]
     y = np.array([r["enthalpy_per_atom"] for r in rows])
     elements = sorted({str(el) for s in structures for el in s.composition})
-    x = PairRDFDescriptor(tuple(elements)).many(structures)
+    describe = make_descriptor(descriptor, elements)
+    x = np.vstack([describe(s) for s in structures])
     gp = GPSurrogate(GPSettings(min_points=start))
     errors, sigmas, mean_errors, knn_errors = [], [], [], []
     for k in range(len(y)):
@@ -202,6 +204,7 @@ def held_out_accuracy(run_dir: Path, start: int) -> dict:
     errors, sigmas = np.abs(np.array(errors)), np.array(sigmas)
     return {
         "run": str(run_dir),
+        "descriptor": descriptor,
         "relaxed": len(y),
         "predicted": len(errors),
         "energy_spread_ev_per_atom": float(y.std()),
@@ -284,6 +287,7 @@ def main() -> None:
         "--held-out", type=Path, help="instead: expanding-window accuracy of the GP on this run directory"
     )
     parser.add_argument("--held-out-start", type=int, default=10, help="training points before the 1st test")
+    parser.add_argument("--held-out-descriptor", default="rdf", help="surrogate.descriptor for --held-out")
     default_out = Path(__file__).parent / "results" / "surrogate_value.json"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
@@ -293,7 +297,7 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.getLogger("globopt").setLevel(logging.WARNING)
     if args.held_out is not None:
-        report = held_out_accuracy(args.held_out, args.held_out_start)
+        report = held_out_accuracy(args.held_out, args.held_out_start, args.held_out_descriptor)
         report["command"] = " ".join(["benchmarks/surrogate_value.py", *sys.argv[1:]])
         print(json.dumps(report, indent=2))
         args.out.parent.mkdir(parents=True, exist_ok=True)
