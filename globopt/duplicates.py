@@ -8,8 +8,9 @@ number of full comparisons per query small and independent of archive size in pr
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
@@ -34,11 +35,25 @@ def reduced_for_matching(structure: Structure) -> Structure:
     return structure.get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
 
 
+def lattice_minima(reduced: Structure) -> np.ndarray:
+    """The lattice's three successive minima (Niggli cell lengths, ascending) at unit volume.
+
+    StructureMatcher (scale=True, no supercells) only matches a structure to an indexed one if the
+    query lattice has three independent vectors within (1 + ltol) of the indexed lattice's Niggli
+    lengths, both scaled to equal volume. Niggli lengths are the successive minima, so the query's
+    minima must each be below (1 + ltol) times the indexed ones: a necessary condition that costs
+    microseconds, checked before a fit that costs milliseconds.
+    """
+    lengths = np.sort(np.array(reduced.lattice.get_niggli_reduced_lattice().abc))
+    return lengths / reduced.volume ** (1 / 3)
+
+
 @dataclass
 class _Entry:
     candidate_id: int
     reduced: Structure  # see reduced_for_matching
     energy: float | None
+    minima: np.ndarray = field(default_factory=lambda: np.zeros(3))  # see lattice_minima
 
 
 class DuplicateIndex:
@@ -59,6 +74,8 @@ class DuplicateIndex:
             ltol=ltol, stol=stol, angle_tol=angle_tol, primitive_cell=True, scale=True
         )
         self.energy_tol = energy_tol
+        # 1% slack over the matcher's own bound covers round-off in the two reductions
+        self._minima_bound = (1 + ltol) * 1.01
         self.symprec = symprec
         self.bucket_by_spacegroup = bucket_by_spacegroup
         self._buckets: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
@@ -84,6 +101,7 @@ class DuplicateIndex:
             return None
         if reduced is None:
             reduced = reduced_for_matching(structure)
+        minima = lattice_minima(reduced)
         for entry in entries:
             if (
                 energy is not None
@@ -94,6 +112,8 @@ class DuplicateIndex:
             # Without supercell matching, primitive cells of different sizes never match.
             if len(entry.reduced) != len(reduced):
                 continue
+            if np.any(minima >= self._minima_bound * entry.minima):
+                continue  # no lattice mapping within ltol exists (see lattice_minima)
             if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
                 return entry.candidate_id
         return None
@@ -109,7 +129,7 @@ class DuplicateIndex:
         """Index a structure; ``key`` and ``reduced`` when the caller already has them from ``find``."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        entry = _Entry(candidate_id, reduced, energy)
+        entry = _Entry(candidate_id, reduced, energy, lattice_minima(reduced))
         self._buckets[key or self.key(structure)].append(entry)
 
     def replace(
@@ -126,7 +146,7 @@ class DuplicateIndex:
         for entries in self._buckets.values():
             for i, entry in enumerate(entries):
                 if entry.candidate_id == old_id:
-                    entries[i] = _Entry(new_id, reduced, energy)
+                    entries[i] = _Entry(new_id, reduced, energy, lattice_minima(reduced))
                     return
         raise KeyError(old_id)
 
