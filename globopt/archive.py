@@ -121,11 +121,14 @@ class Archive:
             raise ArchiveError(f"{path} has archive schema {version}, this globopt reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        if self.db.in_transaction:  # screened rows written without a commit of their own
+            with self._transaction():
+                pass
         self.db.close()
 
     # -- transactions ------------------------------------------------------------------------------
-    def _transaction(self):
-        return _Transaction(self.db, self.path)
+    def _transaction(self, commit: bool = True):
+        return _Transaction(self.db, self.path, commit)
 
     def _write_state(self, state: dict[str, Any] | None) -> None:
         if state is not None:
@@ -147,10 +150,15 @@ class Archive:
 
         ``state`` may be a function of the new id: the search learns the id and its state is written in the
         same transaction, so the archive never holds a candidate the stored search state does not know.
+
+        A candidate screened out before relaxation (rejected, duplicate) is not committed on its own: it
+        joins the next transaction that is (the next pending candidate or result), saving an fsync per
+        screened proposal. A kill in between loses the screened rows and the search state after them
+        together, so resume proposes the same structures again and screens them the same way.
         """
         s = proposal.structure
         now = time.time()
-        with self._transaction():
+        with self._transaction(commit=status is Status.PENDING):
             cursor = self.db.execute(
                 "INSERT INTO candidates(status, origin, parents, formula, n_atoms, initial, volume_per_atom,"
                 " reason, duplicate_of, created_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -284,11 +292,14 @@ class _Transaction:
     itself only reports "disk I/O error" or "database or disk is full".
     """
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, commit: bool = True) -> None:
         self.db = db
         self.path = path
+        self.commit = commit  # False: leave the transaction open for the next one to commit
 
     def __enter__(self) -> None:
+        if self.db.in_transaction:  # continuing uncommitted work (see Archive.add_candidate)
+            return
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -296,6 +307,8 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            if not self.commit:
+                return
             try:
                 self.db.execute("COMMIT")
                 return
