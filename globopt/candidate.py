@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from pymatgen.core import Structure
 
@@ -34,12 +35,26 @@ FINISHED_WITH_ENERGY = (Status.RELAXED, Status.UNCONVERGED)
 
 
 @dataclass
+class Screening:
+    """What rank 0 needs to screen a structure, computed where the structure was made (a worker).
+
+    The geometry verdict, the duplicate index's symmetry key and the reduced cell cost rank 0 several
+    milliseconds per structure; built on a worker, they travel with the structure instead.
+    """
+
+    geometry_problem: str  # '' when the structure is sane
+    key: tuple[str, int] | None  # duplicates.bucket_key; None when the geometry failed
+    reduced: Structure | None  # duplicates.reduced_for_matching; None when the geometry failed
+
+
+@dataclass
 class Proposal:
     """A structure a search algorithm wants evaluated, with where it came from."""
 
     structure: Structure
     origin: str  # e.g. "random:sg225"
     parents: tuple[int, ...] = ()
+    screening: Screening | None = None  # precomputed on a worker (search/random_stream.py)
 
 
 @dataclass
@@ -51,6 +66,9 @@ class RelaxTask:
     attempt: int = 1
     # best enthalpy per atom when the task was issued: early stopping compares against it (None: off)
     best_enthalpy_per_atom: float | None = None
+    # random structures the worker builds after the relaxation, for rank 0's next proposals
+    # (search/random_stream.RandomRecipe); never part of the archive
+    generate: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -72,5 +90,9 @@ class Evaluation:
     potential_seconds: float = 0.0
     worker: str = ""
     extra: dict = field(default_factory=dict)  # objective values etc., stored as JSON in the archive
+    # the relaxed structure's reduced cell for the duplicate index (duplicates.reduced_for_matching),
+    # computed on the worker so rank 0 does not; not stored
+    relaxed_reduced: Structure | None = None
+    generated: list[Any] = field(default_factory=list)  # built RelaxTask.generate recipes; not stored
     duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum
     supersedes: int | None = None  # set by the engine: the same minimum found before, at a higher energy

@@ -14,6 +14,7 @@ re-issued on resume.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections import deque
@@ -45,10 +46,58 @@ MAX_ATTEMPTS = 3
 # Consecutive candidates rejected before relaxation after which the search is clearly unable to
 # produce sane structures under the configured checks.
 MAX_CONSECUTIVE_REJECTIONS = 500
+# Random structures one worker builds after a relaxation, at most (search/random_stream.py): enough to
+# cover tiny cells, where most random proposals repeat, without delaying results noticeably.
+MAX_PREBUILT_PER_TASK = 16
 
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM: stop handing out work; pending candidates are re-issued on resume."""
+
+
+@dataclass
+class MasterCosts:
+    """CPU seconds this process spends per phase, so users sizing an MPI job can see what limits rank 0.
+
+    ``scheduler`` is time inside submit/collect: the MPI protocol, or the relaxations themselves when
+    they run in-process. Everything else the loop does (archive transactions, results.csv, search state,
+    best/, progress) is ``bookkeeping``.
+    """
+
+    proposing: float = 0.0
+    screening: float = 0.0
+    matching_minima: float = 0.0
+    scheduler: float = 0.0
+    loop: float = 0.0
+    proposals: int = 0
+
+    @property
+    def bookkeeping(self) -> float:
+        return self.loop - self.proposing - self.screening - self.matching_minima - self.scheduler
+
+    def summary(self, evaluations: int, random_here: int, random_elsewhere: int) -> str:
+        n = max(evaluations, 1)
+
+        def ms(seconds: float) -> str:
+            return f"{1000 * seconds / n:.2f} ms"
+
+        return (
+            f"rank-0 CPU per evaluation: proposing {ms(self.proposing)}, screening {ms(self.screening)}, "
+            f"matching minima {ms(self.matching_minima)}, bookkeeping {ms(self.bookkeeping)}, "
+            f"scheduler {ms(self.scheduler)}; {self.proposals / n:.2f} proposals per evaluation; "
+            f"random structures built here {random_here}, on workers {random_elsewhere}"
+        )
+
+
+@dataclass
+class _PrebuildRate:
+    """How many random structures the search consumes per relaxation (a running average)."""
+
+    per_task: float = 2.0
+    seen: int = 0
+
+    def update(self, consumed: int) -> None:
+        self.per_task = 0.8 * self.per_task + 0.2 * consumed
 
 
 @dataclass
@@ -98,6 +147,8 @@ class Engine:
             dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, symprec, bucket_by_spacegroup=False
         )
         self.best: tuple[float, int, str | None] | None = None
+        self.costs = MasterCosts()
+        self._prebuild = _PrebuildRate()
         self._rebuild_indexes()
         # -- surrogate (issue 4): rebuilt from the archive, never stored apart
         self.surrogate: SurrogateScreen | None = None
@@ -150,7 +201,7 @@ class Engine:
         # repair rows a previous kill may have left out of results.csv
         self.run_dir.rewrite_results(self.archive, self.config.objectives)
         reissue: deque[RelaxTask] = deque(self.archive.pending_tasks())
-        used = self.archive.count_used_potential()
+        used = used_at_start = self.archive.count_used_potential()
         if reissue:
             log.info(
                 "resuming: %d evaluations committed, %d in flight at the kill are re-issued",
@@ -163,10 +214,12 @@ class Engine:
         total = min(budget, getattr(self.search, "size_hint", budget))
         self.progress.start(total=total, done=used, best=self.best)
         scheduler = make_scheduler(self.settings, self.config.workers)
+        stream = self.search.random_stream if scheduler.runs_elsewhere else None
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         potential_seconds = relax_seconds = 0.0
         exhausted = False
+        loop_started = time.process_time()
         try:
             rejections = 0
             while True:
@@ -174,7 +227,7 @@ class Engine:
                     reissue or (not exhausted and used + scheduler.in_flight < budget)
                 ):
                     if reissue:
-                        scheduler.submit(reissue.popleft())
+                        self._submit(scheduler, reissue.popleft())
                         continue
                     try:
                         task = self._next_task()
@@ -193,10 +246,19 @@ class Engine:
                             )
                         continue
                     rejections = 0
-                    scheduler.submit(task)
+                    if stream is not None:
+                        self._ask_for_random_structures(task, stream, scheduler.capacity)
+                    self._submit(scheduler, task)
                 if scheduler.in_flight == 0:
                     break
-                for task, evaluation in scheduler.collect():
+                cpu = time.process_time()
+                finished = scheduler.collect()
+                self.costs.scheduler += time.process_time() - cpu
+                for task, evaluation in finished:
+                    if evaluation.generated:
+                        self.search.deliver_generated(evaluation.generated)
+                    elif task.generate and evaluation.status is Status.WORKER_DIED:
+                        self.search.generation_lost(list(task.generate))
                     if evaluation.status is Status.WORKER_DIED and task.attempt < MAX_ATTEMPTS:
                         log.warning("candidate %d: %s; re-issuing", task.candidate_id, evaluation.reason)
                         retry = RelaxTask(task.candidate_id, task.structure, task.attempt + 1)
@@ -213,6 +275,7 @@ class Engine:
                 "interrupted: committed results are kept; in-flight candidates are re-issued on resume"
             )
         finally:
+            self.costs.loop += time.process_time() - loop_started
             signal.signal(signal.SIGTERM, previous_handler)
             scheduler.close()
             self.run_dir.rewrite_results(self.archive, self.config.objectives)
@@ -221,6 +284,15 @@ class Engine:
                 self._write_screen_outputs()
             self.progress.close()
             evaluations = self.archive.count_used_potential()
+            random_stream = self.search.random_stream
+            log.info(
+                "%s",
+                self.costs.summary(
+                    evaluations - used_at_start,
+                    random_stream.built_here if random_stream else 0,
+                    random_stream.built_elsewhere if random_stream else 0,
+                ),
+            )
             # Closing checkpoints the WAL into archive.sqlite now, not whenever the garbage collector runs.
             self.archive.close()
         return RunSummary(
@@ -239,7 +311,7 @@ class Engine:
         """Screen one proposal; return a task to relax, or None when it was rejected (and recorded)."""
         if self.surrogate is not None and self.surrogate.ready:
             return self._next_task_by_surrogate()
-        proposal = self.search.propose()
+        proposal = self._propose()
         screened = self._screen(proposal)
         if screened is None:
             return None
@@ -248,15 +320,61 @@ class Engine:
         self.initial_index.add(candidate_id, proposal.structure, key=key, reduced=reduced)
         return self._task(candidate_id, proposal.structure)
 
+    def _propose(self) -> Proposal:
+        cpu = time.process_time()
+        try:
+            return self.search.propose()
+        finally:
+            self.costs.proposing += time.process_time() - cpu
+            self.costs.proposals += 1
+
+    def _submit(self, scheduler, task: RelaxTask) -> None:
+        cpu = time.process_time()
+        scheduler.submit(task)
+        self.costs.scheduler += time.process_time() - cpu
+
+    def _ask_for_random_structures(self, task: RelaxTask, stream, capacity: int) -> None:
+        """Have the worker build the random structures the search will want next (random_stream.py).
+
+        The search consumes about ``per_task`` numbered structures per relaxation; each task carries twice
+        that many recipes, looking no further ahead than all tasks in flight can use, so little is built
+        that the search never takes.
+        """
+        consumed = stream.next_index - self._prebuild.seen
+        self._prebuild.seen = stream.next_index
+        self._prebuild.update(consumed)
+        count = min(MAX_PREBUILT_PER_TASK, math.ceil(2 * self._prebuild.per_task))
+        if count:
+            lookahead = math.ceil(2 * self._prebuild.per_task * capacity) + count
+            task.generate = tuple(self.search.generation_requests(count, lookahead))
+
     def _screen(self, proposal: Proposal) -> tuple[tuple, Structure] | None:
+        cpu = time.process_time()
+        try:
+            return self._screen_proposal(proposal)
+        finally:
+            self.costs.screening += time.process_time() - cpu
+
+    def _screen_proposal(self, proposal: Proposal) -> tuple[tuple, Structure] | None:
         """Geometry and duplicate checks; None (recorded) if it fails, else the duplicate-index key and
-        reduced cell, so indexing the proposal later does not reduce it again."""
-        problem = geometry_problem(proposal.structure, self._limits_for(proposal))
+        reduced cell, so indexing the proposal later does not reduce it again.
+
+        A proposal built on a worker arrives with its geometry verdict, key and reduced cell
+        (``Proposal.screening``), computed there with the same limits and symprec.
+        """
+        prepared = proposal.screening if self.config.composition is not None else None
+        if prepared is not None:
+            problem = prepared.geometry_problem
+        else:
+            problem = geometry_problem(proposal.structure, self._limits_for(proposal))
         if problem:
             self._record_screened(proposal, Status.REJECTED, problem)
             return None
-        key = self.initial_index.key(proposal.structure)
-        reduced = reduced_for_matching(proposal.structure)
+        if prepared is not None and prepared.key is not None and prepared.reduced is not None:
+            key, reduced = prepared.key, prepared.reduced
+        else:
+            key = self.initial_index.key(proposal.structure)
+            reduced = reduced_for_matching(proposal.structure)
         match = self.initial_index.find(
             proposal.structure, key=key, reduced=reduced
         ) or self.relaxed_index.find(proposal.structure, reduced=reduced)
@@ -282,7 +400,7 @@ class Engine:
         batch: list[tuple[int, Structure, tuple]] = []
         misses = 0
         while len(batch) < wanted and misses < MAX_CONSECUTIVE_REJECTIONS // 10:
-            proposal = self.search.propose()
+            proposal = self._propose()
             screened = self._screen(proposal)
             if screened is None:
                 misses += 1
@@ -374,7 +492,9 @@ class Engine:
         if evaluation.status is Status.RELAXED:
             if self.config.objectives:
                 evaluation.extra["objectives"] = objective_values(evaluation.relaxed, self.config.objectives)
+            cpu = time.process_time()
             duplicate_of, supersedes = self._classify_minimum(evaluation)
+            self.costs.matching_minima += time.process_time() - cpu
             evaluation.duplicate_of, evaluation.supersedes = duplicate_of, supersedes
             if duplicate_of is None:
                 new_best = self._update_best(
@@ -401,7 +521,7 @@ class Engine:
             evaluation.enthalpy_per_atom,
             evaluation.candidate_id,
         )
-        reduced = reduced_for_matching(structure)
+        reduced = evaluation.relaxed_reduced or reduced_for_matching(structure)
         match = self.relaxed_index.find(structure, energy, reduced=reduced)
         if match is None:
             self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced)

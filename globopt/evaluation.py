@@ -49,16 +49,34 @@ def prepare_worker(settings: EvaluatorSettings, torch_threads: int | None = None
 
         torch.set_num_threads(torch_threads)
     build_calculator(**settings.potential)
+    # Tasks may ask for random structures (RelaxTask.generate): importing pyxtal takes seconds, which must
+    # not pass between two heartbeats of a task.
+    import globopt.search.random_stream  # noqa: F401
 
 
 def evaluate(
     task: RelaxTask, settings: EvaluatorSettings, on_step: Callable[[int, float], None] | None = None
 ) -> Evaluation:
-    """Relax and analyse; every failure becomes a status with a reason, never an exception.
+    """Relax and analyse, then build the random structures the task asks for (rank 0's next proposals).
 
-    ``on_step(step, energy)`` is handed to relax(): MPI workers send heartbeats and honour stop requests
-    from it, the local backends pass nothing.
+    Every failure becomes a status with a reason, never an exception. ``on_step(step, energy)`` is handed
+    to relax(): MPI workers send heartbeats and honour stop requests from it, the local backends pass
+    nothing.
     """
+    result = _relax_and_analyse(task, settings, on_step)
+    if task.generate:
+        from globopt.geometry import GeometryLimits
+        from globopt.search.random_stream import build_for_screening
+
+        limits = GeometryLimits(settings.relax.min_distance, settings.relax.volume_per_atom_range)
+        between = None if on_step is None else (lambda: on_step(0, math.nan))
+        result.generated = build_for_screening(task.generate, limits, settings.symprec, between)
+    return result
+
+
+def _relax_and_analyse(
+    task: RelaxTask, settings: EvaluatorSettings, on_step: Callable[[int, float], None] | None
+) -> Evaluation:
     try:
         calculator = build_calculator(**settings.potential)
     except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
@@ -96,6 +114,13 @@ def evaluate(
         result.status = Status.UNCONVERGED
         result.reason = f"max force {outcome.max_force:.3f} eV/Å after {outcome.n_steps} steps"
     result.spacegroup, result.spacegroup_number = spacegroup_of(relaxed, settings.symprec)
+    if result.status is Status.RELAXED:  # rank 0 checks it against known minima: reduce it here
+        from globopt.duplicates import reduced_for_matching
+
+        try:
+            result.relaxed_reduced = reduced_for_matching(relaxed)
+        except Exception:  # rank 0 reduces it itself, and reports what goes wrong there
+            result.relaxed_reduced = None
     return result
 
 

@@ -17,6 +17,9 @@ from globopt.evaluation import EvaluatorSettings, evaluate, prepare_worker
 
 
 class Scheduler(ABC):
+    # whether tasks run in other processes: only then is it worth asking workers to build random
+    # structures for rank 0 (RelaxTask.generate); in-process it would cost the same time either way
+    runs_elsewhere = False
     capacity: int
 
     @abstractmethod
@@ -61,6 +64,8 @@ class SerialScheduler(Scheduler):
 
 class ProcessPoolScheduler(Scheduler):
     """A pool of local worker processes, each loading the potential once and using its share of cores."""
+
+    runs_elsewhere = True
 
     def __init__(self, settings: EvaluatorSettings, workers: int) -> None:
         self.settings = settings
@@ -138,6 +143,7 @@ class MPIScheduler(Scheduler):
     """
 
     QUEUED_PER_RANK = 1
+    runs_elsewhere = True
 
     def __init__(self, settings: EvaluatorSettings) -> None:
         from globopt.mpi import WorkerPool

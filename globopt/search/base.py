@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from globopt.candidate import Evaluation, Proposal
+
+if TYPE_CHECKING:
+    from globopt.search.random_stream import GeneratedStructure, RandomRecipe, RandomStream
 
 
 class SearchAlgorithm(ABC):
@@ -26,6 +29,22 @@ class SearchAlgorithm(ABC):
 
     def tell(self, candidate_id: int, evaluation: Evaluation) -> None:  # noqa: B027 - optional hook
         """Learn from a finished evaluation (random search ignores it)."""
+
+    # Random structures this search will need, numbered so that workers can build them ahead of time
+    # (search/random_stream.py); None for searches that make every proposal from their own state.
+    random_stream: RandomStream | None = None
+
+    def generation_requests(self, count: int, lookahead: int) -> list[RandomRecipe]:
+        """Recipes for random structures that are not being built yet (the engine ships them to workers)."""
+        return [] if self.random_stream is None else self.random_stream.requests(count, lookahead)
+
+    def deliver_generated(self, items: list[GeneratedStructure]) -> None:
+        if self.random_stream is not None:
+            self.random_stream.deliver(i for i in items if self.random_stream.owns(i.recipe))
+
+    def generation_lost(self, recipes: list[RandomRecipe]) -> None:
+        if self.random_stream is not None:
+            self.random_stream.lost(recipes)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

@@ -31,6 +31,7 @@ from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
 from globopt.search import operators
 from globopt.search.base import SearchAlgorithm
+from globopt.search.random_stream import RandomStream
 
 # Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
 MAX_OPERATOR_TRIES = 12
@@ -91,6 +92,11 @@ class GeneticSearch(SearchAlgorithm):
         self.initial_target = ga.initial_random or ga.population_size
         # share of the first generation drawn from a trained generative model (generators/seeding.py)
         self.seeder = seeds_from_config(initial_population, self.initial_target, self.contents, limits, seed)
+        # random structures (first generation, immigrants) are numbered so workers can build them ahead
+        self.random_stream = RandomStream(
+            "ga-random", seed, self.contents, self.spacegroups, self.volume_factor,
+            attempts=MAX_OPERATOR_TRIES * operators.IMMIGRANT_ATTEMPTS, limits=limits, check_limits=True,
+        )  # fmt: skip
         self.initial_proposed = 0
         self.told = 0
         self.last_proposal: tuple[str, tuple[int, ...]] | None = None
@@ -149,20 +155,18 @@ class GeneticSearch(SearchAlgorithm):
         return None if child is None else (child, (parent.candidate_id,))
 
     def _immigrant(self, label: str) -> Proposal:
-        for _ in range(MAX_OPERATOR_TRIES):
-            made = self._random_structure()
-            if made is not None:
-                self._remember("immigrant" if label == "immigrant" else "init", ())
-                return Proposal(made[0], origin=f"ga:{label}:sg{made[1]}")
-        from globopt.search.base import SearchExhausted
+        made = self.random_stream.next()
+        if made.structure is None:
+            from globopt.search.base import SearchExhausted
 
-        raise SearchExhausted("pyxtal could not build a random structure for any allowed cell content")
+            raise SearchExhausted(f"pyxtal could not build a random structure: {made.error}")
+        self._remember("immigrant" if label == "immigrant" else "init", ())
+        origin = f"ga:{label}:sg{made.spacegroup}"
+        return Proposal(made.structure, origin=origin, screening=made.screening)
 
     def _random_structure(self) -> tuple[Structure, int] | None:
-        content = self.contents[int(self.rng.integers(len(self.contents)))]
-        return operators.random_immigrant(
-            content, self.limits, self.rng, self.spacegroups, self.volume_factor
-        )
+        made = self.random_stream.next()
+        return None if made.structure is None else (made.structure, made.spacegroup)
 
     def _remember(self, operator: str, parents: tuple[int, ...]) -> None:
         self.last_proposal = (operator, parents)
@@ -266,6 +270,7 @@ class GeneticSearch(SearchAlgorithm):
             "operator_stats": self.operator_stats,
             "logbook": self.logbook,
             "generator_seeds": None if self.seeder is None else self.seeder.state_dict(),
+            "random_next": self.random_stream.next_index,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,6 +295,7 @@ class GeneticSearch(SearchAlgorithm):
         self.logbook = state["logbook"]
         if self.seeder is not None:
             self.seeder.load_state_dict(state.get("generator_seeds"))
+        self.random_stream.restart_at(int(state.get("random_next", 0)))
 
 
 def _nsga2_order(population: list[Member]) -> list[Member]:

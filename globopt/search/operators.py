@@ -709,7 +709,12 @@ def random_immigrant(
         if isinstance(made, str):
             continue
         structure, group = made
-        result = _finish(_cell_of(structure), content, limits, repair=False)
+        result = finish_random(structure, content, limits)
         if result is not None:
             return result, group
     return None
+
+
+def finish_random(structure: Structure, content: dict[str, int], limits: GeometryLimits) -> Structure | None:
+    """A pyxtal structure as the GA takes it in: the same validity check as any operator's child."""
+    return _finish(_cell_of(structure), content, limits, repair=False)

@@ -106,36 +106,30 @@ class RandomSymmetricSearch(SearchAlgorithm):
         volume_factor: float = 1.1,
     ) -> None:
         """``contents``: every cell content allowed (several with a formula-unit range), drawn uniformly."""
-        self.volume_factor = volume_factor
-        self.rng = np.random.default_rng(seed)
-        self.contents = []
-        for content in contents:
-            groups = compatible_spacegroups(list(content.values()), spacegroups)
-            if groups:
-                self.contents.append((content, groups))
-        if not self.contents:
+        from globopt.search.random_stream import RandomStream
+
+        buildable = [c for c in contents if compatible_spacegroups(list(c.values()), spacegroups)]
+        if not buildable:
             where = f"among {spacegroups}" if spacegroups else "at all"
             raise SearchExhausted(f"no space group {where} can hold the cell content(s) {contents}")
+        self.random_stream = RandomStream(
+            "random", seed, buildable, spacegroups, volume_factor, attempts=MAX_GENERATION_ATTEMPTS
+        )
         self.proposed_count = 0
 
     def propose(self) -> Proposal:
-        last_error = ""
-        for _ in range(MAX_GENERATION_ATTEMPTS):
-            content, groups = self.contents[int(self.rng.integers(len(self.contents)))]
-            made = random_symmetric_structure(content, groups, self.rng, self.volume_factor)
-            if isinstance(made, str):
-                last_error = made
-                continue
-            self.proposed_count += 1
-            structure, group = made
-            return Proposal(structure, origin=f"random:sg{group}")
-        raise SearchExhausted(f"pyxtal failed {MAX_GENERATION_ATTEMPTS} times in a row (last: {last_error})")
+        made = self.random_stream.next()
+        if made.structure is None:
+            index = made.recipe.index
+            raise SearchExhausted(f"pyxtal could not build random structure {index}: {made.error}")
+        self.proposed_count += 1
+        return Proposal(made.structure, origin=f"random:sg{made.spacegroup}", screening=made.screening)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "random", "rng": self.rng.bit_generator.state, "proposed": self.proposed_count}
+        return {"kind": "random", "next": self.random_stream.next_index, "proposed": self.proposed_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "random":
             raise ValueError(f"checkpointed search is {state.get('kind')!r}, not random")
-        self.rng.bit_generator.state = state["rng"]
         self.proposed_count = int(state["proposed"])
+        self.random_stream.restart_at(int(state.get("next", self.proposed_count)))
