@@ -49,6 +49,10 @@ MAX_CONSECUTIVE_REJECTIONS = 500
 # Random structures one worker builds after a relaxation, at most (search/random_stream.py): enough to
 # cover tiny cells, where most random proposals repeat, without delaying results noticeably.
 MAX_PREBUILT_PER_TASK = 16
+# best/ is rewritten on a new best at most this often (and always at the end): early in a run nearly every
+# result is a new best, and symmetrising the top structures' CIFs then costs rank 0 more than the rest of
+# its bookkeeping. The archive, not best/, is what a resume relies on.
+BEST_WRITE_INTERVAL = 10.0
 
 
 class Interrupted(BaseException):
@@ -148,6 +152,8 @@ class Engine:
         )
         self.best: tuple[float, int, str | None] | None = None
         self.costs = MasterCosts()
+        self._best_written_at = -math.inf  # time.monotonic() of the last best/ write
+        self._best_stale = False
         self._prebuild = _PrebuildRate()
         self._rebuild_indexes()
         # -- surrogate (issue 4): rebuilt from the archive, never stored apart
@@ -505,8 +511,10 @@ class Engine:
         self.search.tell(evaluation.candidate_id, evaluation)
         self.archive.commit_evaluation(evaluation, self.search.state_dict(), duplicate_of, supersedes)
         self.run_dir.append_result(self.archive, evaluation.candidate_id)
-        if new_best:
+        self._best_stale |= new_best
+        if self._best_stale and time.monotonic() - self._best_written_at >= BEST_WRITE_INTERVAL:
             self.run_dir.write_best(self.archive, self.config.output.n_best)
+            self._best_written_at, self._best_stale = time.monotonic(), False
         self.progress.finished(evaluation, duplicate_of, self.best)
 
     def _classify_minimum(self, evaluation: Evaluation) -> tuple[int | None, int | None]:
