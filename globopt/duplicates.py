@@ -79,6 +79,8 @@ class DuplicateIndex:
         self.symprec = symprec
         self.bucket_by_spacegroup = bucket_by_spacegroup
         self._buckets: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
+        # the last queried reduced cell and its lattice minima: add() after find() reuses them
+        self._last_minima: tuple[Structure | None, np.ndarray] = (None, np.zeros(3))
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._buckets.values())
@@ -101,7 +103,7 @@ class DuplicateIndex:
             return None
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        minima = lattice_minima(reduced)
+        minima = self._minima(reduced)
         for entry in entries:
             if (
                 energy is not None
@@ -129,7 +131,7 @@ class DuplicateIndex:
         """Index a structure; ``key`` and ``reduced`` when the caller already has them from ``find``."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        entry = _Entry(candidate_id, reduced, energy, lattice_minima(reduced))
+        entry = _Entry(candidate_id, reduced, energy, self._minima(reduced))
         self._buckets[key or self.key(structure)].append(entry)
 
     def replace(
@@ -149,6 +151,13 @@ class DuplicateIndex:
                     entries[i] = _Entry(new_id, reduced, energy, lattice_minima(reduced))
                     return
         raise KeyError(old_id)
+
+    def _minima(self, reduced: Structure) -> np.ndarray:
+        cached, minima = self._last_minima
+        if cached is not reduced:
+            minima = lattice_minima(reduced)
+            self._last_minima = (reduced, minima)
+        return minima
 
     def energy_of(self, candidate_id: int) -> float | None:
         for entries in self._buckets.values():
