@@ -212,7 +212,9 @@ class SurrogateConfig(_Section):
 
     enabled: bool = False
     descriptor: Literal["rdf", "m3gnet", "m3gnet_embedding", "m3gnet_energy"] = Field(
-        "rdf", description="structure descriptor (surrogates/descriptors.py, surrogates/m3gnet_descriptor.py)"
+        "rdf",
+        description="structure descriptor: rdf (default, ~1 ms), or m3gnet* (one M3GNet pass per proposal on "
+        "the master, ~15-80 ms; surrogates/descriptors.py says why rdf is the default)",
     )
     kappa: float = Field(1.0, ge=0, description="lower confidence bound mu - kappa*sigma ranks proposals")
     candidates_per_slot: int = Field(

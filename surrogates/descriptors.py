@@ -12,6 +12,16 @@ needs that), plus the volume per atom. It is
   range or a GA permutation move that swaps species changes the vector;
 * cheap: one ASE neighbour list per structure (about a millisecond for 8 atoms), computed on the
   master for every proposal.
+
+Alternatives (surrogates/m3gnet_descriptor.py): ``m3gnet`` = per-element mean of M3GNet's final atom
+features plus the single-point energy per atom, ``m3gnet_embedding`` (features only), ``m3gnet_energy``
+(energy only). benchmarks/surrogate_descriptors.py compared them held-out on ~200 relaxed candidates per
+composition (GaN, ZnO, TiO2, SrTiO3; random, GA and PSO searches): with the same GP, ``m3gnet`` had a 2-7%
+lower MAE in all four and a higher Spearman rank correlation in three, but pooled the MAE gain is
+0.019 eV/atom with a 95% interval of [-0.039, +0.002] (not significant), while it costs 10-15x more per
+proposal on the master (17 vs 1.6 ms for 6 atoms, 81 vs 19 ms for 48, one thread) and a model load there.
+The single-point energy alone is much worse than either (its Spearman 0.4-0.6). So ``rdf`` stays the
+default; ``m3gnet`` is there for runs with few workers, where its cost does not matter.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from ase.data import atomic_numbers, chemical_symbols
 from pymatgen.core import Structure
 
 # "m3gnet*" are in surrogates/m3gnet_descriptor.py: one forward pass of the run's M3GNet potential each
-# multiplicity of the single-point energy column in "m3gnet" (see surrogates/m3gnet_descriptor.py)
+# multiplicity of the single-point energy column in "m3gnet" (see surrogates/m3gnet_descriptor.py); 1, 8
+# and 32 gave the same held-out accuracy (benchmarks/surrogate_descriptors.py), so the plain column
 M3GNET_ENERGY_WEIGHT = 1
 DESCRIPTORS = ("rdf", "m3gnet", "m3gnet_embedding", "m3gnet_energy")
 

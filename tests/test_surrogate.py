@@ -264,10 +264,14 @@ def test_surrogate_ga_skips_proposals_without_spending_the_budget(surrogate_run:
             prediction = json.loads(extra)["surrogate"]
             assert prediction["sigma"] > 0 and prediction["lcb"] <= prediction["mu"]
             assert "ranked better" in reason
-        chosen = db.execute(
-            "SELECT extra FROM candidates WHERE status='relaxed' AND extra LIKE '%surrogate%'"
-        )
-        assert len(chosen.fetchall()) >= BUDGET - SURROGATE["min_points"] - 2
+        # every relaxation issued once the GP had min_points relaxed candidates was chosen by it (one may
+        # have been issued just before); how many that is depends on how many early ones stopped early
+        relaxed = db.execute(
+            "SELECT extra FROM candidates WHERE status='relaxed' ORDER BY finished_at, id"
+        ).fetchall()
+        after_ready = relaxed[SURROGATE["min_points"] :]
+        chosen = [extra for (extra,) in after_ready if extra and "surrogate" in json.loads(extra)]
+        assert after_ready and len(chosen) >= len(after_ready) - 1
     finally:
         db.close()
 
