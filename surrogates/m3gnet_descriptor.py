@@ -62,7 +62,12 @@ class _Network:
             raise ValueError(
                 f"the m3gnet descriptors need an M3GNet model; {model} is a {type(shared.model).__name__}"
             )
-        self.potential = copy.deepcopy(shared).eval()
+        # The shared network keeps the intermediate features of its last forward pass (``feature_dict``);
+        # after a relaxation in this process they are non-leaf tensors, which torch refuses to deep-copy.
+        # The copy starts without them.
+        leftover = getattr(shared.model, "feature_dict", None)
+        memo = {} if leftover is None else {id(leftover): {}}
+        self.potential = copy.deepcopy(shared, memo).eval()
         net = self.potential.model
         self.converter = Structure2Graph(element_types=net.element_types, cutoff=net.cutoff)
         self.lock = threading.Lock()
