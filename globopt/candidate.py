@@ -45,6 +45,7 @@ class Screening:
     geometry_problem: str  # '' when the structure is sane
     key: tuple[str, int] | None  # duplicates.bucket_key; None when the geometry failed
     reduced: Structure | None  # duplicates.reduced_for_matching; None when the geometry failed
+    minima: Any = None  # duplicates.lattice_minima of ``reduced`` (a numpy array), or None
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Evaluation:
     # the relaxed structure's reduced cell for the duplicate index (duplicates.reduced_for_matching),
     # computed on the worker so rank 0 does not; not stored
     relaxed_reduced: Structure | None = None
+    relaxed_minima: Any = None  # duplicates.lattice_minima of relaxed_reduced (a numpy array), or None
     generated: list[Any] = field(default_factory=list)  # built RelaxTask.generate recipes; not stored
     duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum
     supersedes: int | None = None  # set by the engine: the same minimum found before, at a higher energy

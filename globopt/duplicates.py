@@ -38,14 +38,20 @@ def reduced_for_matching(structure: Structure) -> Structure:
 def lattice_minima(reduced: Structure) -> np.ndarray:
     """The lattice's three successive minima (Niggli cell lengths, ascending) at unit volume.
 
-    StructureMatcher (scale=True, no supercells) only matches a structure to an indexed one if the
-    query lattice has three independent vectors within (1 + ltol) of the indexed lattice's Niggli
-    lengths, both scaled to equal volume. Niggli lengths are the successive minima, so the query's
-    minima must each be below (1 + ltol) times the indexed ones: a necessary condition that costs
-    microseconds, checked before a fit that costs milliseconds.
+    StructureMatcher (scale=True, no supercells) only matches a query to an indexed structure if the
+    query lattice has three independent vectors within (1 + ltol) of the indexed lattice's lengths (as
+    stored), both scaled to equal volume. So the query's i-th successive minimum must be below (1 + ltol)
+    times the indexed structure's i-th shortest cell length: a necessary condition that costs microseconds,
+    checked before a fit that costs milliseconds. Only the query side needs true minima (a Niggli
+    reduction, about 1 ms, done on a worker where the structure comes from one).
     """
     lengths = np.sort(np.array(reduced.lattice.get_niggli_reduced_lattice().abc))
     return lengths / reduced.volume ** (1 / 3)
+
+
+def cell_lengths(reduced: Structure) -> np.ndarray:
+    """An indexed structure's cell lengths as StructureMatcher uses them, ascending, at unit volume."""
+    return np.sort(np.array(reduced.lattice.abc)) / reduced.volume ** (1 / 3)
 
 
 @dataclass
@@ -53,7 +59,7 @@ class _Entry:
     candidate_id: int
     reduced: Structure  # see reduced_for_matching
     energy: float | None
-    minima: np.ndarray = field(default_factory=lambda: np.zeros(3))  # see lattice_minima
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(3))  # see cell_lengths
 
 
 class DuplicateIndex:
@@ -79,8 +85,6 @@ class DuplicateIndex:
         self.symprec = symprec
         self.bucket_by_spacegroup = bucket_by_spacegroup
         self._buckets: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
-        # the last queried reduced cell and its lattice minima: add() after find() reuses them
-        self._last_minima: tuple[Structure | None, np.ndarray] = (None, np.zeros(3))
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._buckets.values())
@@ -91,11 +95,13 @@ class DuplicateIndex:
         energy: float | None = None,
         key: tuple[str, int] | None = None,
         reduced: Structure | None = None,
+        minima: np.ndarray | None = None,
     ) -> int | None:
         """Id of an indexed structure equivalent to this one, or None.
 
         With an energy given, only entries within energy_tol are compared: two relaxed minima that far
-        apart in energy are different structures whatever their geometry looks like.
+        apart in energy are different structures whatever their geometry looks like. ``reduced`` and
+        ``minima`` (lattice_minima of it) when the caller has them already, e.g. from a worker.
         """
         key = key or self.key(structure)
         entries = self._buckets.get(key, ())
@@ -103,7 +109,6 @@ class DuplicateIndex:
             return None
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        minima = self._minima(reduced)
         for entry in entries:
             if (
                 energy is not None
@@ -114,7 +119,9 @@ class DuplicateIndex:
             # Without supercell matching, primitive cells of different sizes never match.
             if len(entry.reduced) != len(reduced):
                 continue
-            if np.any(minima >= self._minima_bound * entry.minima):
+            if minima is None:
+                minima = lattice_minima(reduced)
+            if np.any(minima >= self._minima_bound * entry.lengths):
                 continue  # no lattice mapping within ltol exists (see lattice_minima)
             if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
                 return entry.candidate_id
@@ -131,7 +138,7 @@ class DuplicateIndex:
         """Index a structure; ``key`` and ``reduced`` when the caller already has them from ``find``."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        entry = _Entry(candidate_id, reduced, energy, self._minima(reduced))
+        entry = _Entry(candidate_id, reduced, energy, cell_lengths(reduced))
         self._buckets[key or self.key(structure)].append(entry)
 
     def replace(
@@ -148,16 +155,9 @@ class DuplicateIndex:
         for entries in self._buckets.values():
             for i, entry in enumerate(entries):
                 if entry.candidate_id == old_id:
-                    entries[i] = _Entry(new_id, reduced, energy, lattice_minima(reduced))
+                    entries[i] = _Entry(new_id, reduced, energy, cell_lengths(reduced))
                     return
         raise KeyError(old_id)
-
-    def _minima(self, reduced: Structure) -> np.ndarray:
-        cached, minima = self._last_minima
-        if cached is not reduced:
-            minima = lattice_minima(reduced)
-            self._last_minima = (reduced, minima)
-        return minima
 
     def energy_of(self, candidate_id: int) -> float | None:
         for entries in self._buckets.values():

@@ -25,7 +25,7 @@ from pymatgen.core import Structure
 from globopt.archive import Archive, structure_from_json
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.config import RunConfig
-from globopt.duplicates import DuplicateIndex, reduced_for_matching
+from globopt.duplicates import DuplicateIndex, lattice_minima, reduced_for_matching
 from globopt.evaluation import EvaluatorSettings
 from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
 from globopt.objectives import objective_values
@@ -377,13 +377,14 @@ class Engine:
             self._record_screened(proposal, Status.REJECTED, problem)
             return None
         if prepared is not None and prepared.key is not None and prepared.reduced is not None:
-            key, reduced = prepared.key, prepared.reduced
+            key, reduced, minima = prepared.key, prepared.reduced, prepared.minima
         else:
             key = self.initial_index.key(proposal.structure)
             reduced = reduced_for_matching(proposal.structure)
+            minima = lattice_minima(reduced)
         match = self.initial_index.find(
-            proposal.structure, key=key, reduced=reduced
-        ) or self.relaxed_index.find(proposal.structure, reduced=reduced)
+            proposal.structure, key=key, reduced=reduced, minima=minima
+        ) or self.relaxed_index.find(proposal.structure, reduced=reduced, minima=minima)
         if match is not None:
             self._record_screened(proposal, Status.DUPLICATE, f"same structure as candidate {match}", match)
             return None
@@ -529,8 +530,11 @@ class Engine:
             evaluation.enthalpy_per_atom,
             evaluation.candidate_id,
         )
-        reduced = evaluation.relaxed_reduced or reduced_for_matching(structure)
-        match = self.relaxed_index.find(structure, energy, reduced=reduced)
+        reduced, minima = evaluation.relaxed_reduced, evaluation.relaxed_minima
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
+            minima = None
+        match = self.relaxed_index.find(structure, energy, reduced=reduced, minima=minima)
         if match is None:
             self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced)
             return None, None

@@ -95,7 +95,7 @@ def build_for_screening(
     ``between`` runs after every structure: MPI workers send heartbeats and honour stop requests from it.
     A failure to build is recorded in the result, never raised: the search then builds that number itself.
     """
-    from globopt.duplicates import bucket_key, reduced_for_matching
+    from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching
 
     built = []
     for recipe in recipes:
@@ -105,11 +105,12 @@ def build_for_screening(
                 item = build(recipe, limits)
                 if item.structure is not None:
                     problem = geometry_problem(item.structure, limits)
-                    item.screening = Screening(
-                        geometry_problem=problem,
-                        key=None if problem else bucket_key(item.structure, symprec),
-                        reduced=None if problem else reduced_for_matching(item.structure),
-                    )
+                    item.screening = Screening(problem, None, None)
+                    if not problem:
+                        reduced = reduced_for_matching(item.structure)
+                        item.screening = Screening(
+                            problem, bucket_key(item.structure, symprec), reduced, lattice_minima(reduced)
+                        )
         except Exception as exc:  # a worker must never fail its relaxation result over a prefetch
             item = GeneratedStructure(recipe, None, None, f"{type(exc).__name__}: {exc}")
         built.append(item)
