@@ -14,9 +14,15 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
 from globopt.archive import Archive, structure_from_json
-from globopt.candidate import Proposal, Status
+from globopt.candidate import Evaluation, Proposal, Status
 from globopt.cli import main
-from globopt.duplicates import DuplicateIndex, bucket_key, lattice_minima, reduced_for_matching
+from globopt.duplicates import (
+    DuplicateIndex,
+    bucket_key,
+    cell_lengths,
+    lattice_minima,
+    reduced_for_matching,
+)
 from globopt.geometry import geometry_limits, geometry_problem
 from globopt.search.random_search import RandomSymmetricSearch
 from globopt.search.random_stream import RandomStream, build_for_screening
@@ -54,6 +60,7 @@ def test_worker_screening_data_equals_what_rank_0_would_compute() -> None:
             assert screening.key == bucket_key(structure, 0.1)
             assert StructureMatcher().fit(screening.reduced, reduced_for_matching(structure))
             assert screening.reduced.lattice == reduced_for_matching(structure).lattice
+            assert np.allclose(screening.minima, lattice_minima(screening.reduced))
 
 
 def test_random_search_resumes_at_the_same_structure_after_prebuilt_ones_are_lost() -> None:
@@ -90,7 +97,7 @@ def test_lattice_minima_prefilter_never_hides_a_match() -> None:
             if len(copy) != len(original):
                 continue
             for query, indexed in ((copy, original), (original, copy)):
-                passes = bool(np.all(lattice_minima(query) < bound * lattice_minima(indexed)))
+                passes = bool(np.all(lattice_minima(query) < bound * cell_lengths(indexed)))
                 fits = matcher.fit(query, indexed, skip_structure_reduction=True)
                 assert passes or not fits
                 matched += fits
@@ -138,3 +145,19 @@ def test_random_search_proposes_the_same_structures_with_a_process_pool(tmp_path
     shared = min(len(initial[1]), len(initial[2]))
     assert shared >= 8
     assert initial[1][:shared] == initial[2][:shared]
+
+
+def test_only_results_wait_for_the_disk(tmp_path: Path) -> None:
+    """Proposals commit without an fsync (a kill cannot lose them; a power loss loses them only together
+    with the search state after them); a relaxation's result commit fsyncs, and with it all before it."""
+    archive = Archive(tmp_path / "archive.sqlite")
+    structure = _stream().next().structure
+
+    def synchronous() -> int:
+        return archive.db.execute("PRAGMA synchronous").fetchone()[0]
+
+    pending = archive.add_candidate(Proposal(structure, "test"), Status.PENDING, {"n": 1})
+    assert synchronous() == 1  # NORMAL
+    archive.commit_evaluation(Evaluation(pending, Status.FAILED, "boom"), {"n": 2})
+    assert synchronous() == 2  # FULL
+    archive.close()
