@@ -178,7 +178,9 @@ class Archive:
                     json.dumps(list(proposal.parents)),
                     s.composition.formula.replace(" ", ""),
                     len(s),
-                    structure_to_json(s),
+                    proposal.screening.structure_json
+                    if proposal.screening is not None and proposal.screening.structure_json
+                    else structure_to_json(s),
                     s.volume / len(s),
                     reason,
                     duplicate_of,
@@ -219,7 +221,7 @@ class Archive:
                 (
                     e.status.value,
                     e.reason,
-                    structure_to_json(relaxed) if relaxed is not None else None,
+                    (e.relaxed_json or structure_to_json(relaxed)) if relaxed is not None else None,
                     e.energy,
                     e.energy_per_atom,
                     e.enthalpy_per_atom,

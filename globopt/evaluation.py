@@ -16,6 +16,7 @@ from typing import Any
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from globopt.archive import structure_to_json
 from globopt.candidate import Evaluation, RelaxTask, Status
 from surrogates.calculators import build_calculator
 from surrogates.early_stop import EarlyStopper, EarlyStopSettings
@@ -107,6 +108,7 @@ def _relax_and_analyse(
         return result
     relaxed = AseAtomsAdaptor.get_structure(outcome.atoms)
     result.relaxed = relaxed
+    result.relaxed_json = structure_to_json(relaxed)  # serialised here rather than on rank 0
     result.energy = outcome.energy
     result.energy_per_atom = outcome.energy / n_atoms
     result.enthalpy_per_atom = outcome.enthalpy / n_atoms

@@ -95,6 +95,7 @@ def build_for_screening(
     ``between`` runs after every structure: MPI workers send heartbeats and honour stop requests from it.
     A failure to build is recorded in the result, never raised: the search then builds that number itself.
     """
+    from globopt.archive import structure_to_json
     from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching
 
     built = []
@@ -105,12 +106,12 @@ def build_for_screening(
                 item = build(recipe, limits)
                 if item.structure is not None:
                     problem = geometry_problem(item.structure, limits)
-                    item.screening = Screening(problem, None, None)
+                    as_json = structure_to_json(item.structure)
+                    item.screening = Screening(problem, None, None, structure_json=as_json)
                     if not problem:
                         reduced = reduced_for_matching(item.structure)
-                        item.screening = Screening(
-                            problem, bucket_key(item.structure, symprec), reduced, lattice_minima(reduced)
-                        )
+                        key = bucket_key(item.structure, symprec)
+                        item.screening = Screening(problem, key, reduced, lattice_minima(reduced), as_json)
         except Exception as exc:  # a worker must never fail its relaxation result over a prefetch
             item = GeneratedStructure(recipe, None, None, f"{type(exc).__name__}: {exc}")
         built.append(item)
