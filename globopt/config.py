@@ -75,6 +75,13 @@ class RelaxConfig(_Section):
     max_steps: PositiveInt = 300
     pressure_gpa: float = Field(0.0, description="external pressure; fitness becomes enthalpy per atom")
     relax_cell: bool = True
+    rattle: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="Å: random displacement (normal, per Cartesian component) of every atom before relaxing; "
+        "a symmetric start stays on its symmetric saddle under the optimiser, a rattle lets it fall off",
+    )
 
 
 class ChecksConfig(_Section):
@@ -309,6 +316,9 @@ class RunConfig(_Section):
             # The GP ranks proposals by enthalpy per atom, which across a screen's many compositions
             # favours whichever chemistry binds hardest, not the candidates nearest their hull.
             raise ValueError("surrogate.enabled is not supported with mode htvs (yet); remove it")
+        if "rattle" not in self.relax.model_fields_set:
+            # A screen relaxes prototypes as given: a symmetric template is meant to stay symmetric.
+            self.relax = self.relax.model_copy(update={"rattle": 0.0})
         if "evaluations" not in self.budget.model_fields_set:
             # A screen's natural budget is its whole enumeration; budget.evaluations caps it when given.
             self.budget = BudgetConfig(evaluations=HTVS_UNLIMITED_BUDGET)

@@ -191,6 +191,8 @@ class Engine:
             ),
             symprec=symprec,
             early_stop=early_stop,
+            rattle=config.relax.rattle,
+            seed=config.seed,
         )
 
     def _rebuild_indexes(self) -> None:

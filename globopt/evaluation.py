@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -37,6 +38,8 @@ class EvaluatorSettings:
     relax: RelaxSettings  # includes the geometry guards (minimum distances, volume window)
     symprec: float = 0.1
     early_stop: EarlyStopSettings | None = None  # surrogate.early_stop; needs the task's best enthalpy
+    rattle: float = 0.0  # relax.rattle, Å
+    seed: int = 0  # the run's seed: with the candidate id it fixes the rattle, so a re-issue repeats it
 
 
 def worker_label() -> str:
@@ -84,6 +87,8 @@ def _relax_and_analyse(
         raise RuntimeError(f"cannot build the potential: {exc}") from exc
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
     n_atoms = len(atoms)
+    if settings.rattle > 0:
+        atoms.positions += rattle_displacements(settings.seed, task.candidate_id, n_atoms, settings.rattle)
     stopper = None
     if settings.early_stop is not None and task.best_enthalpy_per_atom is not None:
         stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, n_atoms)
@@ -125,6 +130,15 @@ def _relax_and_analyse(
         except Exception:  # rank 0 reduces it itself, and reports what goes wrong there
             result.relaxed_reduced = result.relaxed_minima = None
     return result
+
+
+def rattle_displacements(seed: int, candidate_id: int, n_atoms: int, amplitude: float) -> np.ndarray:
+    """The same displacements for a candidate wherever and however often it is relaxed (Å, (N, 3)).
+
+    The archive keeps the structure as proposed; the rattle is a property of the relaxation, so it must be
+    reproducible from the run seed and the candidate id alone.
+    """
+    return np.random.default_rng([seed % 2**63, candidate_id]).normal(0.0, amplitude, (n_atoms, 3))
 
 
 def spacegroup_of(structure, symprec: float) -> tuple[str | None, int | None]:

@@ -120,3 +120,23 @@ def test_evaluate_maps_outcomes_to_statuses() -> None:
     assert short.status is Status.UNCONVERGED and "after 2 steps" in short.reason
     blown = evaluate(RelaxTask(3, structure), EvaluatorSettings(emt, settings(pressure_gpa=-40.0)))
     assert blown.status is Status.EXPLODED and blown.relaxed is None
+
+
+def test_rattle_lets_a_symmetric_saddle_relax_and_is_reproducible() -> None:
+    """Simple-cubic Cu has zero forces and isotropic stress by symmetry: FIRE keeps it cubic on a saddle
+    0.45 eV/atom above close packing. relax.rattle breaks the symmetry, and the same candidate id gets the
+    same displacements wherever it is relaxed (a re-issued task repeats its relaxation exactly)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    structure = AseAtomsAdaptor.get_structure(bulk("Cu", "sc", a=2.4) * (2, 2, 2))
+    emt = {"kind": "emt", "model": "", "calculator": None, "calculator_kwargs": {}, "device": "cpu"}
+    plain = evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings()))
+    assert plain.status is Status.RELAXED and plain.spacegroup == "Pm-3m"
+    rattled = [evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings(), rattle=0.05, seed=3))]
+    rattled.append(evaluate(RelaxTask(1, structure), EvaluatorSettings(emt, settings(), rattle=0.05, seed=3)))
+    assert rattled[0].status is Status.RELAXED
+    assert rattled[0].energy_per_atom < plain.energy_per_atom - 0.3
+    assert rattled[0].spacegroup in ("P6_3/mmc", "Fm-3m")  # close packed
+    assert rattled[1].energy == rattled[0].energy and rattled[1].n_steps == rattled[0].n_steps
+    other = evaluate(RelaxTask(2, structure), EvaluatorSettings(emt, settings(), rattle=0.05, seed=3))
+    assert other.n_steps != rattled[0].n_steps or other.energy != rattled[0].energy
