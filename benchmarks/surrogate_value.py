@@ -75,22 +75,17 @@ def run_search(system: str, content: dict, reference_energy: float, seed: int, a
     from globopt.progress import Progress
     from globopt.rundir import RunDirectory
 
-    class StopAtFirstHit(Engine):
-        """Ends the run (as an interrupt: everything committed stays) once a candidate hits the reference."""
-
-        def _commit(self, evaluation) -> None:
-            super()._commit(evaluation)
-            energy = evaluation.enthalpy_per_atom
-            if evaluation.status == "relaxed" and energy <= reference_energy + HIT_TOLERANCE:
-                raise KeyboardInterrupt
-
     config = parse_config(
         {
             "name": f"{system}-{'gp' if surrogate else 'plain'}-{seed}",
             "mode": "ga",
             "composition": content,
             "seed": seed,
-            "budget": {"evaluations": args.budget},
+            # the run ends at its first hit (budget.target_enthalpy_per_atom), or when the budget is spent
+            "budget": {
+                "evaluations": args.budget,
+                "target_enthalpy_per_atom": reference_energy + HIT_TOLERANCE,
+            },
             "potential": {"model": args.model},
             "ga": {"population_size": args.population, "initial_random": args.population},
             "surrogate": {
@@ -105,7 +100,7 @@ def run_search(system: str, content: dict, reference_energy: float, seed: int, a
     with tempfile.TemporaryDirectory() as folder:
         run = RunDirectory.create(Path(folder) / "run", config)
         started = time.perf_counter()
-        engine = StopAtFirstHit(config, run, Progress(False))
+        engine = Engine(config, run, Progress(False))
         engine.run()
         wall = time.perf_counter() - started
         gp_seconds = engine.surrogate.seconds if engine.surrogate is not None else 0.0

@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--population", type=int, help="GA population (and initial random set) and PSO swarm size"
     )
+    bench.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="run-config key for every search, e.g. --set relax.rattle=0.05 (value read as YAML; repeatable)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--full-budget", action="store_true",
+        help="spend the whole budget (default: a search ends at its first energy hit)",
+    )  # fmt: skip
     bench.add_argument("--jobs", type=int, default=1, help="searches run side by side (processes)")
     bench.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<suite name>)")
     bench.set_defaults(handler=_cmd_benchmark)
@@ -237,6 +245,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_settings(pairs: list[str]) -> dict[str, object]:
+    import yaml
+
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise _UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set relax.rattle=0.05")
+        try:
+            settings[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise _UserError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+    return settings
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from globopt.benchmark.harness import BenchmarkOptions, run_benchmark
     from globopt.benchmark.reference import ReferenceError
@@ -248,7 +271,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = BenchmarkOptions(
         modes=args.modes, seeds=args.seeds, budget=args.budget, structures=args.structures, jobs=args.jobs,
-        population=args.population,
+        population=args.population, settings=_parse_settings(args.settings), full_budget=args.full_budget,
         command=" ".join(["globopt", *(sys.argv[1:] if sys.argv[1:2] == ["benchmark"] else ["benchmark"])]),
     )  # fmt: skip
     out = args.out or Path("benchmarks") / "results" / args.suite.stem

@@ -46,6 +46,11 @@ HTVS_UNLIMITED_BUDGET = 10**9
 
 class BudgetConfig(_Section):
     evaluations: PositiveInt = Field(40, description="relaxations to run (counted across restarts)")
+    target_enthalpy_per_atom: float | None = Field(
+        None,
+        description="stop once a relaxed structure reaches this enthalpy per atom (eV/atom; e.g. a known "
+        "phase's energy under the same potential): in-flight relaxations finish, nothing new is started",
+    )
 
 
 class PotentialConfig(_Section):

@@ -165,6 +165,7 @@ class Engine:
         self._best_written_at = -math.inf  # time.monotonic() of the last best/ write
         self._best_stale = False
         self._prebuild = _PrebuildRate()
+        self._target_logged = False
         self._rebuild_indexes()
         # -- surrogate (issue 4): rebuilt from the archive, never stored apart
         self.surrogate: SurrogateScreen | None = None
@@ -242,7 +243,8 @@ class Engine:
             rejections = 0
             while True:
                 while scheduler.in_flight < scheduler.capacity and (
-                    reissue or (not exhausted and used + scheduler.in_flight < budget)
+                    reissue
+                    or (not exhausted and not self._target_reached() and used + scheduler.in_flight < budget)
                 ):
                     if reissue:
                         self._submit(scheduler, reissue.popleft())
@@ -324,6 +326,19 @@ class Engine:
             relax_seconds=relax_seconds,
             interrupted=interrupted,
         )
+
+    def _target_reached(self) -> bool:
+        """budget.target_enthalpy_per_atom met: the run hands out no new work (in-flight work finishes)."""
+        target = self.config.budget.target_enthalpy_per_atom
+        reached = target is not None and self.best is not None and self.best[0] <= target
+        if reached and not self._target_logged:
+            log.info(
+                "target reached: candidate %d at %.4f eV/atom <= budget.target_enthalpy_per_atom %.4f; "
+                "no new candidates are started",
+                self.best[1], self.best[0], target,
+            )  # fmt: skip
+            self._target_logged = True
+        return reached
 
     def _next_task(self) -> RelaxTask | None:
         """Screen one proposal; return a task to relax, or None when it was rejected (and recorded)."""

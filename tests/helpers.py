@@ -22,8 +22,8 @@ def write_config(folder: Path, **fields) -> Path:
 def emt_config(folder: Path, name: str = "cuau", evaluations: int = 6, **extra) -> Path:
     """Cu2Au2 with ASE's EMT: a real potential, ~1 s per relaxation."""
     return write_config(
-        folder, name=name, composition="Cu2Au2", seed=11, budget={"evaluations": evaluations},
-        potential={"kind": "emt"}, **extra,
+        folder, name=name, composition="Cu2Au2", seed=11,
+        budget=extra.pop("budget", {"evaluations": evaluations}), potential={"kind": "emt"}, **extra,
     )  # fmt: skip
 
 

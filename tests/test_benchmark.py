@@ -171,7 +171,9 @@ def test_benchmark_runs_every_mode_through_the_engine(tmp_path: Path, capsys) ->
     printed = capsys.readouterr().out
     document = json.loads((out / "benchmark.json").read_text())
     assert [r["mode"] for r in document["runs"]] == modes
-    assert all(r["evaluations"] == 3 for r in document["runs"])
+    # a search ends at its first energy hit (default) or at the budget
+    assert all(r["evaluations"] in (3, r["evaluations_to_hit"]) for r in document["runs"])
+    assert document["stopped_at_first_hit"] is True
     reference = document["references"]["Cu3Au"]
     assert reference["spacegroup"] == "Pm-3m" and reference["source"] == "given"
     for run in document["runs"]:
@@ -197,6 +199,21 @@ def test_benchmark_runs_every_mode_through_the_engine(tmp_path: Path, capsys) ->
     assert [{k: r[k] for k in keys} for r in again["runs"]] == [
         {k: r[k] for k in keys} for r in document["runs"]
     ]
+
+    # --full-budget spends every evaluation; --set reaches every search's run config
+    full = tmp_path / "full"
+    command = ["benchmark", str(suite), "--modes", "random", "--out", str(full), "--full-budget"]
+    assert main([*command, "--set", "relax.rattle=0.0", "--set", "relax.fmax=0.04"]) == 0
+    document = json.loads((full / "benchmark.json").read_text())
+    assert [r["evaluations"] for r in document["runs"]] == [3]
+    assert document["stopped_at_first_hit"] is False
+    stored = yaml.safe_load((full / "runs" / "Cu3Au-random-s0" / "config.yaml").read_text())
+    assert stored["relax"]["rattle"] == 0.0 and stored["relax"]["fmax"] == 0.04
+    assert stored["budget"]["target_enthalpy_per_atom"] is None
+    assert main([*command, "--set", "relax.rattle"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main([*command, "--set", "relax.no_such_key=1", "--out", str(tmp_path / "bad")]) == 2
+    assert "no_such_key" in capsys.readouterr().err
 
 
 @pytest.mark.m3gnet

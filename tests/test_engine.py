@@ -94,6 +94,26 @@ def test_resume_with_bigger_budget_continues_without_repeating(tmp_path: Path) -
     assert len(origins) == len({int(r["id"]) for r in read_results(out)})
 
 
+def test_run_stops_at_the_target_enthalpy_and_resume_without_it_continues(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert main(["run", str(emt_config(tmp_path, evaluations=5)), "--out", str(reference)]) == 0
+    energies = [float(r["enthalpy_per_atom"]) for r in read_results(reference) if r["status"] == "relaxed"]
+    assert len(energies) >= 3
+    # the same seed proposes the same candidates: aim at the lowest of the first three
+    target = min(energies[:3]) + 1e-5  # results.csv rounds to 1e-6
+    stop_after = next(i for i, e in enumerate(energies, start=1) if e <= target)
+    out = tmp_path / "run"
+    targeted = emt_config(tmp_path, budget={"evaluations": 5, "target_enthalpy_per_atom": target})
+    assert main(["run", str(targeted), "--out", str(out)]) == 0
+    relaxed = [r for r in read_results(out) if r["status"] == "relaxed"]
+    assert len(relaxed) == stop_after
+    assert "target reached" in (out / "globopt.log").read_text()
+    assert main(["resume", str(out)]) == 0  # still reached: nothing new is started
+    assert len([r for r in read_results(out) if r["status"] == "relaxed"]) == stop_after
+    assert main(["run", str(emt_config(tmp_path, evaluations=5)), "--out", str(out), "--resume"]) == 0
+    assert [float(r["enthalpy_per_atom"]) for r in read_results(out) if r["status"] == "relaxed"] == energies
+
+
 def test_resume_refuses_a_changed_search(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["run", str(emt_config(tmp_path, evaluations=1)), "--out", str(out)]) == 0

@@ -58,7 +58,8 @@ def run_ase_ga(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float |
     record = folder / "evaluations.json"
     if record.exists():
         data = json.loads(record.read_text())
-        if data["budget"] == job.budget:
+        # a record of the whole budget also answers a search that would have stopped at its first hit
+        if data["budget"] == job.budget and data.get("stop_at_energy") in (None, job.stop_at_energy):
             return _from_record(data)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("ga.db", "used_modes.json", "population.log"):
@@ -66,6 +67,7 @@ def run_ase_ga(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float |
     evaluations, started = _search(job, folder)
     data = {
         "budget": job.budget,
+        "stop_at_energy": job.stop_at_energy,
         "started_at": started,
         "evaluations": [
             {
@@ -169,7 +171,13 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
             evaluations.append(EvaluatedStructure(None, None, time.time()))
         data.add_relaxed_step(atoms)
 
-    while data.get_number_of_unrelaxed_candidates() > 0:
+    def target_reached() -> bool:
+        target = job.stop_at_energy
+        return target is not None and any(
+            e.energy_per_atom is not None and e.energy_per_atom <= target for e in evaluations
+        )
+
+    while data.get_number_of_unrelaxed_candidates() > 0 and not target_reached():
         evaluate(data.get_an_unrelaxed_candidate())
 
     comparator = OFPComparator(
@@ -194,7 +202,7 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
         logfile=str(folder / "population.log"), use_extinct=True, rng=rng,
     )  # fmt: skip
     failed = 0
-    while len(evaluations) < job.budget:
+    while len(evaluations) < job.budget and not target_reached():
         parents = population.get_two_candidates()
         child, description = selector.get_new_individual(parents)
         if child is None:

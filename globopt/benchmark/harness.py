@@ -37,6 +37,8 @@ class BenchmarkOptions:
     structures: list[str] | None = None
     jobs: int = 1
     population: int | None = None  # overrides ga.population_size/initial_random and pso.swarm_size
+    settings: dict[str, Any] | None = None  # dotted run-config keys for every search, e.g. relax.rattle
+    full_budget: bool = False  # False: a search ends at its first energy hit (success figures unchanged)
     command: str | None = None  # the command line, recorded so the table can be reproduced
 
 
@@ -66,6 +68,8 @@ def run_benchmark(
         n = options.population
         search["ga"] = {**search.get("ga", {}), "population_size": n, "initial_random": n}
         search["pso"] = {**search.get("pso", {}), "swarm_size": n}
+    for dotted, value in (options.settings or {}).items():
+        _set_dotted(search, dotted, value)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -85,6 +89,9 @@ def run_benchmark(
             reference_energy=references[entry.name].best.energy_per_atom,
             hit_tolerance=spec.hit_tolerance,
             torch_threads=threads,
+            stop_at_energy=None
+            if options.full_budget
+            else references[entry.name].best.energy_per_atom + spec.hit_tolerance,
         )
         for entry in entries
         for mode in modes
@@ -111,6 +118,7 @@ def run_benchmark(
         "modes": modes,
         "hit_tolerance_ev_per_atom": spec.hit_tolerance,
         "search_settings": search,
+        "stopped_at_first_hit": not options.full_budget,
         "references": reference_json,
         "summary": summary,
         "runs": results,
@@ -125,6 +133,18 @@ def run_benchmark(
         f"{spec.hit_tolerance * 1000:g} meV/atom of it.\n\n{table}\n"
     )
     return json_path, md_path, summary
+
+
+def _set_dotted(search: dict[str, Any], dotted: str, value: Any) -> None:
+    """``relax.rattle`` = 0.05 -> search["relax"]["rattle"] = 0.05; the run config validates the result."""
+    *sections, key = dotted.split(".")
+    if not key or not all(sections):
+        raise ConfigError(f"--set {dotted}: expected a dotted run-config key such as relax.rattle")
+    for section in sections:
+        existing = search.get(section)
+        search[section] = existing = dict(existing) if isinstance(existing, dict) else {}
+        search = existing
+    search[key] = value
 
 
 def hardware() -> str:

@@ -38,6 +38,9 @@ class SearchJob:
     reference_energy: float
     hit_tolerance: float
     torch_threads: int = 1
+    # end the search once a relaxed structure is this low (the hit energy): evaluations after the first
+    # hit change no success-rate figure, so they are not spent; None runs the whole budget
+    stop_at_energy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,7 +100,7 @@ def globopt_config(job: SearchJob) -> dict[str, Any]:
         "mode": job.mode,
         "composition": job.composition,
         "seed": job.seed,
-        "budget": {"evaluations": job.budget},
+        "budget": {"evaluations": job.budget, "target_enthalpy_per_atom": job.stop_at_energy},
         "potential": job.potential,
     }
 
@@ -113,7 +116,7 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
 
     path = Path(job.run_dir)
     run = RunDirectory(path)
-    if not _finished(run, job.budget):
+    if not _finished(run, job.budget, job.stop_at_energy):
         # a finished search is only read back: its stored config may predate newer config keys
         config = parse_config(globopt_config(job), source=f"benchmark search {job.label}")
         if run.archive_path.exists():
@@ -146,12 +149,17 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
     return evaluations, started, best
 
 
-def _finished(run, budget: int) -> bool:
+def _finished(run, budget: int, stop_at_energy: float | None) -> bool:
     if not run.archive_path.exists():
         return False
     archive = run.open_archive()
     try:
-        return archive.count_used_potential() >= budget and not archive.pending_tasks()
+        if archive.pending_tasks():
+            return False
+        if archive.count_used_potential() >= budget:
+            return True
+        best = archive.best_unique(1)
+        return stop_at_energy is not None and bool(best) and best[0]["enthalpy_per_atom"] <= stop_at_energy
     finally:
         archive.close()
 
