@@ -34,11 +34,25 @@ class TrainSettings:
     seed: int = 0
     limit: int | None = None  # first rows of the data only
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # Also train on supercells of every structure, m cells along one lattice axis for each m listed: a data
+    # set of 5-atom cells otherwise teaches nothing about 10-atom cells of the same compounds, which is what
+    # a search over formula units asks the model for.
+    supercells: tuple[int, ...] = ()
+    init: str | None = None  # start from this checkpoint's weights and lattice standardisation (fine-tuning)
 
 
-def crystals_from(data: str | Path, limit: int | None = None) -> list[Crystal]:
+def crystals_from(
+    data: str | Path, limit: int | None = None, supercells: tuple[int, ...] = (), seed: int = 0
+) -> list[Crystal]:
     structures, _ = load_structures(data, limit)
-    return [Crystal.from_structure(s) for s in structures]
+    rng = np.random.default_rng([seed, 7])
+    extra = []
+    for multiple in supercells:
+        for structure in structures:
+            scaling = [1, 1, 1]
+            scaling[int(rng.integers(3))] = multiple
+            extra.append(structure.make_supercell(scaling, in_place=False))
+    return [Crystal.from_structure(s) for s in [*structures, *extra]]
 
 
 def train(
@@ -46,7 +60,7 @@ def train(
 ) -> GeneratorCheckpoint:
     """Train (or continue training) a generator on ``data`` and write the checkpoint to ``out``."""
     out = Path(out)
-    crystals = crystals_from(data, settings.limit)
+    crystals = crystals_from(data, settings.limit, settings.supercells, settings.seed)
     vocabulary = sorted({str(z) for c in crystals for z in c.numbers}, key=int)
     from pymatgen.core import Element
 
@@ -61,6 +75,14 @@ def train(
             optimizers[name].load_state_dict(state)
         log.info("resuming %s training at epoch %d", previous.kind, progress.get("epochs", 0))
         kind, hyper = previous.kind, previous.hyperparameters
+    elif settings.init is not None:
+        start = load_checkpoint(settings.init)
+        model = start.build_model()  # its lattice outputs are in its own standardisation: keep it
+        scaler = start.scaler
+        progress = {"epochs": 0, "steps": 0, "seconds": 0.0, "history": [], "init": str(settings.init)}
+        optimizers = model.make_optimizers(settings.lr)
+        kind, hyper = start.kind, start.hyperparameters
+        log.info("fine-tuning %s from %s (%d epochs there)", kind, settings.init, start.training["epochs"])
     else:
         model = build_model(settings.kind, settings.hyperparameters)
         scaler = LatticeScaler.fit(
@@ -74,6 +96,7 @@ def train(
         "path": str(data),
         "structures": len(crystals),
         "max_atoms": int(max(len(c.numbers) for c in crystals)),
+        "supercells": list(settings.supercells),
     }
 
     def snapshot() -> GeneratorCheckpoint:

@@ -34,6 +34,11 @@ def add_generator_commands(commands) -> None:
     train.add_argument("--hidden", type=int, default=128, help="width of the message-passing network")
     train.add_argument("--layers", type=int, default=4, help="message-passing layers")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.add_argument(
+        "--supercells", type=int, nargs="+", default=[], metavar="M",
+        help="also train on an M-cell supercell (along a random axis) of every structure, e.g. 2",
+    )  # fmt: skip
+    train.add_argument("--init", type=Path, default=None, help="fine-tune: start from this checkpoint")
     train.set_defaults(handler=_cmd_train)
 
     sample = sub.add_parser("sample", help="generate structures of one composition as CIF files")
@@ -97,6 +102,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _positive(name.replace("_", "-"), getattr(args, name))
         if args.resume and not args.out.is_file():
             raise ValueError(f"--resume: no checkpoint at {args.out} to continue")
+        if args.resume and args.init is not None:
+            raise ValueError("--resume continues the checkpoint at --out; --init starts a new one: use one")
+        if any(m < 2 for m in args.supercells):
+            raise ValueError(f"--supercells: multiples must be at least 2, got {args.supercells}")
         torch.set_num_threads(args.threads)
         _logging()
         lr = args.lr if args.lr is not None else (1e-3 if args.kind == "diffusion" else 1e-4)
@@ -104,6 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
             max_minutes=args.max_minutes, seed=args.seed, limit=args.limit,
             hyperparameters={"hidden": args.hidden, "layers": args.layers},
+            supercells=tuple(args.supercells), init=None if args.init is None else str(args.init),
         )  # fmt: skip
         checkpoint = train(args.data, args.out, settings, resume=args.resume)
         history = checkpoint.training["history"]

@@ -189,6 +189,33 @@ def test_cli_trains_resumes_samples_and_evaluates(perov_slice: Path, tmp_path: P
     assert result["composition_kept"] == 1.0
 
 
+def test_supercell_training_and_fine_tuning(perov_slice: Path, tmp_path: Path, capsys) -> None:
+    """--supercells adds a doubled copy of every cell; --init starts from a checkpoint's weights and lattice
+    standardisation (a model of 5-atom cells fine-tuned to also know 10-atom ones)."""
+    doubled = crystals_from(perov_slice, supercells=(2,), seed=0)
+    assert len(doubled) == 48
+    assert sorted({len(c.numbers) for c in doubled}) == [5, 10]
+    base, tuned = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    common = ["--data", str(perov_slice), "--hidden", "32", "--layers", "1", "--batch-size", "8"]
+    assert main(["generator", "train", *common, "--out", str(base), "--epochs", "1"]) == 0
+    assert main(["generator", "train", *common, "--out", str(tuned), "--epochs", "1", "--init", str(base),
+                 "--supercells", "2"]) == 0  # fmt: skip
+    start, result = load_checkpoint(base), load_checkpoint(tuned)
+    assert result.dataset["structures"] == 48 and result.dataset["max_atoms"] == 10
+    assert result.dataset["supercells"] == [2] and result.training["init"] == str(base)
+    assert np.allclose(result.scaler.mean, start.scaler.mean) and np.allclose(
+        result.scaler.std, start.scaler.std
+    )
+    changed = [k for k in start.model_state if not torch.equal(start.model_state[k], result.model_state[k])]
+    assert changed  # trained further, from the same architecture
+    capsys.readouterr()
+    assert main(["generator", "train", *common, "--out", str(tuned), "--epochs", "2", "--init", str(base),
+                 "--resume"]) == 2  # fmt: skip
+    assert "use one" in capsys.readouterr().err
+    assert main(["generator", "train", *common, "--out", str(tuned), "--supercells", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+
+
 def test_ase_database_is_a_data_set(tmp_path: Path) -> None:
     from ase.build import bulk
     from ase.db import connect
