@@ -1,7 +1,7 @@
 """Cost of the MPI backend: how much work rank 0 does per evaluation, and how idle the workers are.
 
 Runs ``mpiexec -n RANKS python -m globopt run`` on a generated config and reads the summary line that
-globopt/mpi.py logs when it releases the workers. Two uses:
+globopt/mpi/pool.py logs when it releases the workers. Two uses:
 
 * master throughput: EMT on a tiny cell with many evaluations makes relaxations nearly free, so rank 0's
   own work per evaluation (screening proposals, archive commits, results.csv, the MPI layer) is what

@@ -134,7 +134,7 @@ def _worker_died(task: RelaxTask) -> Evaluation:
 
 
 class MPIScheduler(Scheduler):
-    """The worker ranks of an ``mpiexec`` launch, seen from rank 0 (the protocol is in globopt/mpi.py).
+    """The worker ranks of an ``mpiexec`` launch, seen from rank 0 (the protocol is in globopt/mpi/).
 
     capacity is twice the number of live worker ranks: one task relaxing and one queued per rank, so a
     rank that finishes starts its next task at once instead of waiting while rank 0 commits the result

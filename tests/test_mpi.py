@@ -2,7 +2,7 @@
 
 The mpiexec runs use EMT on Cu2Au2 (about a second per relaxation) so the whole file stays near two
 minutes on two cores; one run uses the real M3GNet. Worker-death tests need MPICH's hydra, the only
-launcher whose ``-disable-auto-cleanup`` flag globopt relies on (see globopt/mpi.py).
+launcher whose ``-disable-auto-cleanup`` flag globopt relies on (see globopt/mpi/launch.py).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def test_pool_hands_back_dead_ranks_tasks_and_never_accepts_a_stale_result(monke
 
     monkeypatch.setenv(mpi.HEARTBEAT_TIMEOUT_VARIABLE, "0.2")
     master = _FakeMaster(size=3)
-    monkeypatch.setattr(mpi, "_MASTER", master)
+    monkeypatch.setattr("globopt.mpi.master._MASTER", master)  # the module WorkerPool reads it from
     pool = mpi.WorkerPool(settings=None)
     assert [(r, t) for r, t, _ in master.sent] == [(1, mpi.Tag.SETTINGS), (2, mpi.Tag.SETTINGS)]
     first, second = RelaxTask(1, None), RelaxTask(2, None)
@@ -225,7 +225,7 @@ def test_queued_task_starts_on_the_rank_that_finishes_before_rank_0_sees_the_res
     from globopt.candidate import Evaluation, RelaxTask, Status
 
     master = _FakeMaster(size=2)
-    monkeypatch.setattr(mpi, "_MASTER", master)
+    monkeypatch.setattr("globopt.mpi.master._MASTER", master)
     pool = mpi.WorkerPool(settings=None)
     first, queued = RelaxTask(1, None), RelaxTask(2, None)
     pool.submit(first)
@@ -249,7 +249,7 @@ def test_pool_raises_a_workers_exception_on_rank_0(monkeypatch) -> None:
     from globopt.candidate import RelaxTask
 
     master = _FakeMaster(size=2)
-    monkeypatch.setattr(mpi, "_MASTER", master)
+    monkeypatch.setattr("globopt.mpi.master._MASTER", master)
     pool = mpi.WorkerPool(settings=None)
     pool.submit(RelaxTask(1, None))
     failure = mpi.WorkerFailure(1, RuntimeError("cannot build the potential: boom"), "Traceback ...")
