@@ -344,7 +344,11 @@ def test_sigkilled_rank0_resumes_serially_and_under_mpi(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     after = committed(out)
     assert len(after) == 8 and {k: after[k] for k in middle} == middle
-    assert sorted(_logged_ids(out)) == sorted(after), "every evaluation logged exactly once"
+    logged = _logged_ids(out)
+    assert len(logged) == len(set(logged)) and set(logged) <= set(after), "no evaluation logged twice"
+    # every evaluation after the kill is logged; a kill between a commit and its log line (the archive is
+    # written first, on purpose) may leave the last ones before it unlogged, never uncommitted
+    assert set(after) - set(before) <= set(logged)
 
 
 @pytest.mark.mpi
