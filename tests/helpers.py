@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -83,3 +84,23 @@ def sigkill_after_commits(*args: str, out: Path, cwd: Path, count: int, timeout:
         process.kill()
         process.communicate()
     return committed(out)
+
+
+LOGGED_EVALUATION = re.compile(r"\] id=(\d+) ")
+
+
+def logged_ids(run_dir: Path) -> list[int]:
+    """Candidate ids of the per-evaluation lines in globopt.log, in order, repeats kept."""
+    return [int(i) for i in LOGGED_EVALUATION.findall((run_dir / "globopt.log").read_text())]
+
+
+def assert_logged_once_across_a_kill(run_dir: Path, before_kill: dict, after_resume: dict) -> None:
+    """No evaluation logged twice or without its commit; every evaluation after the kill logged.
+
+    The archive is committed before the log line is written, on purpose (the line claims a durable result),
+    so a SIGKILL between the two may leave the last evaluations before the kill committed but unlogged.
+    """
+    logged = logged_ids(run_dir)
+    assert len(logged) == len(set(logged)), f"an evaluation was logged twice: {logged}"
+    assert set(logged) <= set(after_resume), "a logged evaluation is not in the archive"
+    assert set(after_resume) - set(before_kill) <= set(logged), "an evaluation after the kill is not logged"

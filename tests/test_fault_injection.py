@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -23,12 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import committed, emt_config, globopt_process, read_results, wait_for
+from helpers import committed, emt_config, globopt_process, logged_ids, read_results, wait_for
 
 from globopt.archive import Archive
 from globopt.cli import main
-
-LOGGED_EVALUATION = re.compile(r"\] id=(\d+) ")
 
 
 def _integrity(path: Path) -> str:
@@ -91,7 +88,7 @@ def test_repeated_sigkill_of_the_master_then_resume(tmp_path: Path) -> None:
         assert not archive.pending_tasks()
     finally:
         archive.close()
-    logged = [int(i) for i in LOGGED_EVALUATION.findall((out / "globopt.log").read_text())]
+    logged = logged_ids(out)
     assert len(logged) == len(set(logged)), "a candidate was evaluated twice"
     assert set(logged) <= set(after)
     rows = read_results(out)

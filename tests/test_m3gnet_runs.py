@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import committed, globopt_process, read_results, sigkill_after_commits, write_config
+from helpers import (
+    assert_logged_once_across_a_kill,
+    committed,
+    globopt_process,
+    read_results,
+    sigkill_after_commits,
+    write_config,
+)
 
 from globopt.cli import main
 
@@ -50,8 +56,7 @@ def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path: Path, m
     after = committed(out)
     assert len(after) == budget  # the budget counts across the restart
     assert {k: after[k] for k in before} == before  # committed results untouched, not recomputed
-    evaluated_ids = [int(i) for i in re.findall(r"\] id=(\d+) ", (out / "globopt.log").read_text())]
-    assert sorted(evaluated_ids) == sorted(after)  # every evaluation logged exactly once across both runs
+    assert_logged_once_across_a_kill(out, before, after)
     rows = read_results(out)
     assert len({r["id"] for r in rows}) == len(rows)
     assert {int(r["id"]) for r in rows if r["status"] not in ("rejected", "duplicate")} == set(after)

@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import committed, emt_config, globopt_process, read_results, wait_for, write_config
+from helpers import (
+    assert_logged_once_across_a_kill,
+    committed,
+    emt_config,
+    globopt_process,
+    logged_ids,
+    read_results,
+    wait_for,
+    write_config,
+)
 
 from globopt import mpi
 
@@ -81,10 +90,6 @@ def _rank0_pid(run_dir: Path) -> int:
 
 def _evaluated(run_dir: Path) -> list[dict[str, str]]:
     return [r for r in read_results(run_dir) if r["status"] not in ("rejected", "duplicate")]
-
-
-def _logged_ids(run_dir: Path) -> list[int]:
-    return [int(i) for i in re.findall(r"\] id=(\d+) ", (run_dir / "globopt.log").read_text())]
 
 
 # -- no mpiexec needed ------------------------------------------------------------------------------------
@@ -273,7 +278,7 @@ def test_three_ranks_run_to_the_end_with_both_workers(tmp_path: Path) -> None:
     assert len(workers) == 2, f"both worker ranks should relax: {workers}"
     assert f"{os.uname().nodename}:{_rank0_pid(out)}" not in workers, "rank 0 must not relax"
     assert "MPI: 2 worker rank(s)" in output
-    assert sorted(_logged_ids(out)) == sorted(committed(out))
+    assert sorted(logged_ids(out)) == sorted(committed(out))
 
 
 @pytest.mark.mpi
@@ -344,11 +349,7 @@ def test_sigkilled_rank0_resumes_serially_and_under_mpi(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     after = committed(out)
     assert len(after) == 8 and {k: after[k] for k in middle} == middle
-    logged = _logged_ids(out)
-    assert len(logged) == len(set(logged)) and set(logged) <= set(after), "no evaluation logged twice"
-    # every evaluation after the kill is logged; a kill between a commit and its log line (the archive is
-    # written first, on purpose) may leave the last ones before it unlogged, never uncommitted
-    assert set(after) - set(before) <= set(logged)
+    assert_logged_once_across_a_kill(out, before, after)
 
 
 @pytest.mark.mpi
