@@ -50,10 +50,14 @@ def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
     wurtzite = Structure.from_spacegroup(
         "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.377]]
     )
+    zinc_oxide = Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.25, 5.21), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.382]]
+    )
     return {
         "NaCl": ({"Na": 4, "Cl": 4}, nacl),
         "TiO2": ({"Ti": 2, "O": 4}, rutile),
         "GaN": ({"Ga": 2, "N": 2}, wurtzite),
+        "ZnO": ({"Zn": 2, "O": 2}, zinc_oxide),
     }
 
 
