@@ -74,6 +74,7 @@ def main() -> None:
                     potential=potential, search=search, run_dir=str(folder / f"{cells}-{arm}-{seed}"),
                     reference=reference.structure.as_dict(), reference_energy=reference.energy_per_atom,
                     hit_tolerance=HIT_TOLERANCE,
+                    stop_at_energy=reference.energy_per_atom + HIT_TOLERANCE,  # at the first energy hit
                 )  # fmt: skip
                 outcome = {**run_search(job), "arm": arm, "system": f"SrTiO3-{cells}"}
                 results.append(outcome)
