@@ -113,9 +113,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(
         f"{args.config}: valid. mode={config.mode} composition={config.formula} "
-        f"budget={config.budget.evaluations} potential={config.potential.kind}:{config.potential.model}"
+        f"budget={_budget_text(config)} potential={config.potential.kind}:{config.potential.model}"
     )
     return EXIT_OK
+
+
+def _budget_text(config) -> str:
+    """How the run ends, as a user wrote it (a screen without a budget runs to the end of its enumeration)."""
+    from globopt.config import HTVS_UNLIMITED_BUDGET
+
+    budget = config.budget
+    text = "whole enumeration" if budget.evaluations >= HTVS_UNLIMITED_BUDGET else f"{budget.evaluations}"
+    if budget.target_enthalpy_per_atom is not None:
+        text += f" or enthalpy <= {budget.target_enthalpy_per_atom:g} eV/atom"
+    return text
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -164,8 +175,8 @@ def _execute(run, config, verbose: bool) -> int:
     interactive = sys.stderr.isatty()
     configure_logging(run.log_path, interactive, verbose)
     log.info(
-        "run %s: %s search for %s, budget %d evaluations, %d worker(s), potential %s:%s, output %s",
-        config.name, config.mode, config.formula, config.budget.evaluations, config.workers,
+        "run %s: %s search for %s, budget %s evaluations, %d worker(s), potential %s:%s, output %s",
+        config.name, config.mode, config.formula, _budget_text(config), config.workers,
         config.potential.kind, config.potential.model, run.path,
     )  # fmt: skip
     try:
