@@ -23,7 +23,7 @@ from generators.representation import LatticeScaler
 FORMAT = "globopt-generator"
 FORMAT_VERSION = 1
 KINDS = ("diffusion", "wgan")
-DEFAULT_CHECKPOINT = "diffusion_perov5.pt"
+DEFAULT_CHECKPOINT = "diffusion_perov5_sc2.pt"
 
 
 class CheckpointError(ValueError):
