@@ -113,7 +113,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(
         f"{args.config}: valid. mode={config.mode} composition={config.formula} "
-        f"budget={_budget_text(config)} potential={config.potential.kind}:{config.potential.model}"
+        f"budget: {_budget_text(config)}; potential={config.potential.kind}:{config.potential.model}"
     )
     return EXIT_OK
 
@@ -123,7 +123,8 @@ def _budget_text(config) -> str:
     from globopt.config import HTVS_UNLIMITED_BUDGET
 
     budget = config.budget
-    text = "whole enumeration" if budget.evaluations >= HTVS_UNLIMITED_BUDGET else f"{budget.evaluations}"
+    unlimited = budget.evaluations >= HTVS_UNLIMITED_BUDGET
+    text = "the whole enumeration" if unlimited else f"{budget.evaluations} evaluations"
     if budget.target_enthalpy_per_atom is not None:
         text += f" or enthalpy <= {budget.target_enthalpy_per_atom:g} eV/atom"
     return text
@@ -175,7 +176,7 @@ def _execute(run, config, verbose: bool) -> int:
     interactive = sys.stderr.isatty()
     configure_logging(run.log_path, interactive, verbose)
     log.info(
-        "run %s: %s search for %s, budget %s evaluations, %d worker(s), potential %s:%s, output %s",
+        "run %s: %s search for %s, budget %s, %d worker(s), potential %s:%s, output %s",
         config.name, config.mode, config.formula, _budget_text(config), config.workers,
         config.potential.kind, config.potential.model, run.path,
     )  # fmt: skip

@@ -106,10 +106,10 @@ def test_yaml_syntax_error_and_missing_file(tmp_path: Path, capsys) -> None:
 def test_valid_config_passes_validate(tmp_path: Path, capsys) -> None:
     code, output = validate_cli(tmp_path, BASE, capsys)
     assert code == 0
-    assert "valid" in output and "Cu2Au2" in output and "budget=40 " in output
+    assert "valid" in output and "Cu2Au2" in output and "budget: 40 evaluations;" in output
     targeted = {**BASE, "budget": {"evaluations": 30, "target_enthalpy_per_atom": -0.02}}
     code, output = validate_cli(tmp_path, targeted, capsys)
-    assert code == 0 and "budget=30 or enthalpy <= -0.02 eV/atom" in output
+    assert code == 0 and "budget: 30 evaluations or enthalpy <= -0.02 eV/atom;" in output
     screen = {
         "name": "s",
         "mode": "htvs",
@@ -121,7 +121,7 @@ def test_valid_config_passes_validate(tmp_path: Path, capsys) -> None:
         },
     }
     code, output = validate_cli(tmp_path, screen, capsys)
-    assert code == 0 and "budget=whole enumeration" in output, output
+    assert code == 0 and "budget: the whole enumeration;" in output, output
 
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
