@@ -53,11 +53,17 @@ def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
     zinc_oxide = Structure.from_spacegroup(
         "P6_3mc", Lattice.hexagonal(3.25, 5.21), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.382]]
     )
+    # larger cells, where a search needs tens of relaxations and a surrogate has something to save
+    anatase = Structure.from_spacegroup(  # conventional cell, 12 atoms; origin choice 1
+        "I4_1/amd", Lattice.tetragonal(3.785, 9.514), ["Ti", "O"], [[0, 0, 0], [0, 0, 0.2083]]
+    )
     return {
         "NaCl": ({"Na": 4, "Cl": 4}, nacl),
         "TiO2": ({"Ti": 2, "O": 4}, rutile),
         "GaN": ({"Ga": 2, "N": 2}, wurtzite),
         "ZnO": ({"Zn": 2, "O": 2}, zinc_oxide),
+        "ZnO8": ({"Zn": 4, "O": 4}, zinc_oxide.make_supercell([1, 1, 2], in_place=False)),
+        "TiO2-12": ({"Ti": 4, "O": 8}, anatase),
     }
 
 
