@@ -277,6 +277,14 @@ class Archive:
             ).fetchone()[0]
         )
 
+    def count_force_calls(self) -> int:
+        """Potential calls of every committed evaluation (budget.force_calls counts across restarts)."""
+        return int(
+            self.db.execute(
+                "SELECT COALESCE(SUM(n_force_calls), 0) FROM candidates WHERE status != 'pending'"
+            ).fetchone()[0]
+        )
+
     def count_by_status(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) AS n FROM candidates GROUP BY status")
         return {r["status"]: r["n"] for r in rows}

@@ -127,6 +127,8 @@ def _budget_text(config) -> str:
     text = "the whole enumeration" if unlimited else f"{budget.evaluations} evaluations"
     if budget.target_enthalpy_per_atom is not None:
         text += f" or enthalpy <= {budget.target_enthalpy_per_atom:g} eV/atom"
+    if budget.force_calls is not None:
+        text += f" or {budget.force_calls} force calls"
     return text
 
 

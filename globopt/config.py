@@ -51,6 +51,12 @@ class BudgetConfig(_Section):
         description="stop once a relaxed structure reaches this enthalpy per atom (eV/atom; e.g. a known "
         "phase's energy under the same potential): in-flight relaxations finish, nothing new is started",
     )
+    force_calls: PositiveInt | None = Field(
+        None,
+        description="stop once the relaxations have used this many potential (force) calls in total, counted "
+        "across restarts: a budget in compute rather than in relaxations, the fair one when some relaxations "
+        "are stopped early; in-flight relaxations finish, nothing new is started",
+    )
 
 
 class PotentialConfig(_Section):

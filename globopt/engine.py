@@ -166,6 +166,8 @@ class Engine:
         self._best_stale = False
         self._prebuild = _PrebuildRate()
         self._target_logged = False
+        self._force_calls_logged = False
+        self._force_calls = 0  # potential calls of committed evaluations (set from the archive in run())
         self._rebuild_indexes()
         # -- surrogate (issue 4): rebuilt from the archive, never stored apart
         self.surrogate: SurrogateScreen | None = None
@@ -221,6 +223,7 @@ class Engine:
         self.run_dir.rewrite_results(self.archive, self.config.objectives)
         reissue: deque[RelaxTask] = deque(self.archive.pending_tasks())
         used = used_at_start = self.archive.count_used_potential()
+        self._force_calls = self.archive.count_force_calls()
         if reissue:
             log.info(
                 "resuming: %d evaluations committed, %d in flight at the kill are re-issued",
@@ -244,7 +247,12 @@ class Engine:
             while True:
                 while scheduler.in_flight < scheduler.capacity and (
                     reissue
-                    or (not exhausted and not self._target_reached() and used + scheduler.in_flight < budget)
+                    or (
+                        not exhausted
+                        and not self._target_reached()
+                        and not self._force_calls_spent()
+                        and used + scheduler.in_flight < budget
+                    )
                 ):
                     if reissue:
                         self._submit(scheduler, reissue.popleft())
@@ -287,6 +295,7 @@ class Engine:
                         continue
                     self._commit(evaluation)
                     used += 1
+                    self._force_calls += evaluation.n_force_calls
                     potential_seconds += evaluation.potential_seconds
                     relax_seconds += evaluation.seconds
         except (KeyboardInterrupt, Interrupted):
@@ -339,6 +348,19 @@ class Engine:
             )  # fmt: skip
             self._target_logged = True
         return reached
+
+    def _force_calls_spent(self) -> bool:
+        """budget.force_calls used up: the run hands out no new work (in-flight work finishes)."""
+        limit = self.config.budget.force_calls
+        spent = limit is not None and self._force_calls >= limit
+        if spent and not self._force_calls_logged:
+            log.info(
+                "force-call budget spent: %d potential calls >= budget.force_calls %d; "
+                "no new candidates are started",
+                self._force_calls, limit,
+            )  # fmt: skip
+            self._force_calls_logged = True
+        return spent
 
     def _next_task(self) -> RelaxTask | None:
         """Screen one proposal; return a task to relax, or None when it was rejected (and recorded)."""

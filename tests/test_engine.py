@@ -114,6 +114,27 @@ def test_run_stops_at_the_target_enthalpy_and_resume_without_it_continues(tmp_pa
     assert [float(r["enthalpy_per_atom"]) for r in read_results(out) if r["status"] == "relaxed"] == energies
 
 
+def test_force_call_budget_stops_the_run_and_counts_across_a_resume(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert main(["run", str(emt_config(tmp_path, evaluations=5)), "--out", str(reference)]) == 0
+    evaluated = [r for r in read_results(reference) if r["n_force_calls"]]
+    calls = [int(r["n_force_calls"]) for r in evaluated]
+    assert len(calls) == 5 and all(c > 0 for c in calls)
+    # a budget reached during the second relaxation: that one finishes, no third is started
+    limit = calls[0] + 1
+    out = tmp_path / "run"
+    limited = emt_config(tmp_path, budget={"evaluations": 5, "force_calls": limit})
+    assert main(["run", str(limited), "--out", str(out)]) == 0
+    assert [int(r["n_force_calls"]) for r in read_results(out) if r["n_force_calls"]] == calls[:2]
+    assert "force-call budget spent" in (out / "globopt.log").read_text()
+    assert main(["resume", str(out)]) == 0  # the calls already spent count: nothing new is started
+    assert len([r for r in read_results(out) if r["n_force_calls"]]) == 2
+    # a bigger budget continues the same search up to it
+    bigger = emt_config(tmp_path, budget={"evaluations": 5, "force_calls": sum(calls[:3])})
+    assert main(["run", str(bigger), "--out", str(out), "--resume"]) == 0
+    assert [int(r["n_force_calls"]) for r in read_results(out) if r["n_force_calls"]] == calls[:3]
+
+
 def test_resume_refuses_a_changed_search(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["run", str(emt_config(tmp_path, evaluations=1)), "--out", str(out)]) == 0
