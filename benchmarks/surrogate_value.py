@@ -106,13 +106,19 @@ def run_search(system: str, content: dict, reference_energy: float, seed: int, a
                 "enabled": surrogate,
                 "candidates_per_slot": args.candidates_per_slot,
                 "kappa": args.kappa,
+                "acquisition": args.acquisition,
                 "min_points": args.min_points,
-                "early_stop": {"enabled": not args.no_early_stop, "margin": args.margin},
+                "early_stop": {
+                    "enabled": not args.no_early_stop,
+                    "margin": args.margin,
+                    "known_minima": args.known_minima,
+                },
             },
         }
     )
     with tempfile.TemporaryDirectory() as folder:
-        run = RunDirectory.create(Path(folder) / "run", config)
+        parent = args.keep_runs if args.keep_runs is not None else Path(folder)
+        run = RunDirectory.create(parent / config.name, config)
         started = time.perf_counter()
         engine = Engine(config, run, Progress(False))
         engine.run()
@@ -345,9 +351,16 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=10, help="GA population and initial random set")
     parser.add_argument("--candidates-per-slot", type=int, default=6)
     parser.add_argument("--kappa", type=float, default=1.0)
+    parser.add_argument("--acquisition", choices=["lcb", "ei"], default="lcb")
     parser.add_argument("--min-points", type=int, default=6)
     parser.add_argument("--margin", type=float, default=0.3, help="early-stop margin, eV/atom")
+    parser.add_argument(
+        "--known-minima", action="store_true", help="also stop relaxations falling into known minima"
+    )
     parser.add_argument("--no-early-stop", action="store_true", help="GP ranking only (ablation)")
+    parser.add_argument(
+        "--keep-runs", type=Path, default=None, help="keep each search's run directory under this folder"
+    )
     parser.add_argument("--variants", nargs="+", choices=["plain", "gp"], default=["plain", "gp"])
     parser.add_argument("--model", default="M3GNet-MP-2021.2.8-PES")
     parser.add_argument(

@@ -68,6 +68,9 @@ class RelaxTask:
     attempt: int = 1
     # best enthalpy per atom when the task was issued: early stopping compares against it (None: off)
     best_enthalpy_per_atom: float | None = None
+    # lowest known minima when the task was issued (surrogates/known_minima.KnownMinimum): a relaxation
+    # falling into one of them is stopped (empty: off)
+    known_minima: tuple[Any, ...] = ()
     # random structures the worker builds after the relaxation, for rank 0's next proposals
     # (search/random_stream.RandomRecipe); never part of the archive
     generate: tuple[Any, ...] = ()

@@ -223,6 +223,15 @@ class EarlyStopConfig(_Section):
     )
     min_steps: PositiveInt = Field(20, description="optimiser steps before a relaxation may be stopped")
     window: PositiveInt = Field(10, description="steps per window of the energy-decay extrapolation")
+    known_minima: bool = Field(
+        False,
+        description="also stop a relaxation falling into one of the lowest known minima "
+        "(surrogates/known_minima.py): geometry matching it under duplicates.*, enthalpy within "
+        "known_minima_window above it, forces below known_minima_max_force",
+    )
+    known_minima_count: PositiveInt = Field(10, description="lowest known minima each relaxation watches for")
+    known_minima_window: PositiveFloat = Field(0.03, description="eV/atom above a known minimum")
+    known_minima_max_force: PositiveFloat = Field(0.5, description="eV/Å, largest force component")
 
 
 class SurrogateConfig(_Section):
@@ -233,6 +242,11 @@ class SurrogateConfig(_Section):
         "rdf",
         description="structure descriptor: rdf (default, ~1 ms), or m3gnet* (one M3GNet pass per proposal on "
         "the master, ~15-80 ms; surrogates/descriptors.py says why rdf is the default)",
+    )
+    acquisition: Literal["lcb", "ei"] = Field(
+        "lcb",
+        description="how proposals are ranked: lcb (lowest mu - kappa*sigma) or ei (largest expected "
+        "improvement below the best enthalpy so far; surrogates/acquisition.py says when they differ)",
     )
     kappa: float = Field(1.0, ge=0, description="lower confidence bound mu - kappa*sigma ranks proposals")
     candidates_per_slot: int = Field(

@@ -159,6 +159,12 @@ class DuplicateIndex:
                     return
         raise KeyError(old_id)
 
+    def lowest(self, count: int) -> list[tuple[int, float, Structure]]:
+        """(candidate id, energy, reduced cell) of the ``count`` lowest-energy entries, lowest first."""
+        entries = [e for bucket in self._buckets.values() for e in bucket if e.energy is not None]
+        entries.sort(key=lambda e: (e.energy, e.candidate_id))
+        return [(e.candidate_id, e.energy, e.reduced) for e in entries[:count]]
+
     def energy_of(self, candidate_id: int) -> float | None:
         for entries in self._buckets.values():
             for entry in entries:

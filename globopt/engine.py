@@ -36,6 +36,7 @@ from globopt.search import make_search
 from globopt.search.base import SearchAlgorithm, SearchExhausted
 from surrogates.acquisition import Prediction, SurrogateScreen
 from surrogates.early_stop import EarlyStopSettings
+from surrogates.known_minima import KnownMinimaSettings, KnownMinimum
 from surrogates.relax import RelaxSettings
 
 log = logging.getLogger("globopt")
@@ -172,7 +173,7 @@ class Engine:
         # -- surrogate (issue 4): rebuilt from the archive, never stored apart
         self.surrogate: SurrogateScreen | None = None
         self._predictions: dict[int, tuple[Prediction, object]] = {}  # pending id -> (prediction, descriptor)
-        early_stop = None
+        early_stop = known_minima = None
         if config.surrogate.enabled:
             self.surrogate = SurrogateScreen.from_config(config)
             learned = self.surrogate.rebuild(self.archive)
@@ -181,6 +182,14 @@ class Engine:
             es = config.surrogate.early_stop
             if es.enabled:
                 early_stop = EarlyStopSettings(margin=es.margin, min_steps=es.min_steps, window=es.window)
+                if es.known_minima:
+                    known_minima = KnownMinimaSettings(
+                        ltol=dup.ltol,
+                        stol=dup.stol,
+                        angle_tol=dup.angle_tol,
+                        energy_window=es.known_minima_window,
+                        max_force=es.known_minima_max_force,
+                    )
         self.settings = EvaluatorSettings(
             potential=config.potential.model_dump(),
             relax=RelaxSettings(
@@ -194,6 +203,7 @@ class Engine:
             ),
             symprec=symprec,
             early_stop=early_stop,
+            known_minima=known_minima,
             rattle=config.relax.rattle,
             seed=config.seed,
         )
@@ -441,7 +451,11 @@ class Engine:
 
     def _task(self, candidate_id: int, structure) -> RelaxTask:
         best = self.best[0] if self.best is not None and self.settings.early_stop is not None else None
-        return RelaxTask(candidate_id, structure, best_enthalpy_per_atom=best)
+        minima: tuple[KnownMinimum, ...] = ()
+        if self.settings.known_minima is not None:
+            count = self.config.surrogate.early_stop.known_minima_count
+            minima = tuple(KnownMinimum(*entry) for entry in self.relaxed_index.lowest(count))
+        return RelaxTask(candidate_id, structure, best_enthalpy_per_atom=best, known_minima=minima)
 
     # -- surrogate (issue 4) -------------------------------------------------------------------------
     def _next_task_by_surrogate(self) -> RelaxTask | None:
@@ -467,8 +481,9 @@ class Engine:
         if not batch:
             return None
         descriptors = [self.surrogate.descriptor(structure) for _, structure, _ in batch]
-        predictions = self.surrogate.rank(descriptors)
-        chosen = min(range(len(batch)), key=lambda i: (predictions[i].lcb, batch[i][0]))
+        predictions = self.surrogate.rank(descriptors, best=self.best[0] if self.best is not None else None)
+        chosen = min(range(len(batch)), key=lambda i: (predictions[i].score, batch[i][0]))
+        name = self.surrogate.acquisition.upper()
         for index, (candidate_id, _structure, _key) in enumerate(batch):
             if index == chosen:
                 continue
@@ -476,8 +491,8 @@ class Engine:
             skipped = Evaluation(
                 candidate_id,
                 Status.SKIPPED,
-                f"surrogate LCB {prediction.lcb:.3f} eV/atom, candidate {batch[chosen][0]} ranked better "
-                f"({predictions[chosen].lcb:.3f})",
+                f"surrogate {name} {_acquisition_value(prediction, name)}, candidate {batch[chosen][0]} "
+                f"ranked better ({_acquisition_value(predictions[chosen], name)})",
                 extra={"surrogate": prediction.as_dict()},
             )
             self.search.tell(candidate_id, skipped)
@@ -489,17 +504,19 @@ class Engine:
         return self._task(candidate_id, structure)
 
     def _learn(self, evaluation: Evaluation) -> None:
-        """Feed a finished relaxation to the surrogate (descriptor of its initial structure)."""
+        """Feed a finished candidate to the surrogate: the points acquisition.learned_points names."""
         prediction, descriptor = self._predictions.pop(evaluation.candidate_id, (None, None))
         if prediction is not None:
             evaluation.extra["surrogate"] = prediction.as_dict()
         if evaluation.status is not Status.RELAXED:
             return
-        if descriptor is None:  # chosen before the surrogate was ready, or re-issued after a resume
-            descriptor = self.surrogate.descriptor(
-                structure_from_json(self.archive.row(evaluation.candidate_id)["initial"])
-            )
-        self.surrogate.learn(descriptor, evaluation.enthalpy_per_atom)
+        row = {
+            "status": evaluation.status.value,
+            # chosen before the surrogate was ready, or re-issued after a resume: no descriptor yet
+            "initial": self.archive.row(evaluation.candidate_id)["initial"] if descriptor is None else None,
+            "enthalpy_per_atom": evaluation.enthalpy_per_atom,
+        }
+        self.surrogate.learn_row(row, initial_descriptor=descriptor)
 
     def _limits_for(self, proposal: Proposal) -> GeometryLimits:
         """The run's limits, or for htvs (no fixed composition) limits of this proposal's composition."""
@@ -593,6 +610,12 @@ class Engine:
             self.relaxed_index.replace(match, candidate_id, structure, energy, reduced=reduced)
             return None, match
         return match, None
+
+
+def _acquisition_value(prediction: Prediction, name: str) -> str:
+    if name == "EI":
+        return f"{prediction.ei * 1000:.2f} meV/atom"
+    return f"{prediction.lcb:.3f} eV/atom"
 
 
 def _raise_interrupted(signum, frame) -> None:

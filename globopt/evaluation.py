@@ -21,6 +21,7 @@ from globopt.archive import structure_to_json
 from globopt.candidate import Evaluation, RelaxTask, Status
 from surrogates.calculators import build_calculator
 from surrogates.early_stop import EarlyStopper, EarlyStopSettings
+from surrogates.known_minima import KnownMinimaSettings, KnownMinimaWatch
 from surrogates.relax import RelaxSettings, relax
 
 _FAILURE_STATUS = {
@@ -38,6 +39,7 @@ class EvaluatorSettings:
     relax: RelaxSettings  # includes the geometry guards (minimum distances, volume window)
     symprec: float = 0.1
     early_stop: EarlyStopSettings | None = None  # surrogate.early_stop; needs the task's best enthalpy
+    known_minima: KnownMinimaSettings | None = None  # surrogate.early_stop.known_minima; the task's minima
     rattle: float = 0.0  # relax.rattle, Å
     seed: int = 0  # the run's seed: with the candidate id it fixes the rattle, so a re-issue repeats it
 
@@ -92,7 +94,10 @@ def _relax_and_analyse(
     stopper = None
     if settings.early_stop is not None and task.best_enthalpy_per_atom is not None:
         stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, n_atoms)
-    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper)
+    watch = None
+    if settings.known_minima is not None and task.known_minima:
+        watch = KnownMinimaWatch(settings.known_minima, task.known_minima)
+    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper, watch=watch)
     result = Evaluation(
         candidate_id=task.candidate_id,
         status=Status.RELAXED,
@@ -110,6 +115,8 @@ def _relax_and_analyse(
             result.energy_per_atom = outcome.energy / n_atoms
         if outcome.projected_enthalpy_per_atom is not None:
             result.extra["projected_enthalpy_per_atom"] = outcome.projected_enthalpy_per_atom
+        if outcome.known_minimum is not None:
+            result.extra["known_minimum"] = outcome.known_minimum
         return result
     relaxed = AseAtomsAdaptor.get_structure(outcome.atoms)
     result.relaxed = relaxed

@@ -8,17 +8,29 @@ exploration (structures unlike anything relaxed so far); the others are recorded
 The surrogate learns only from the archive: every relaxed candidate contributes (descriptor of its
 *initial* structure, relaxed enthalpy per atom), in commit order. On resume it is rebuilt from the archive
 rows in the same order, so there is no separate surrogate state that could go stale (see gp.py for why
-the rebuilt model makes the same decisions).
+the rebuilt model makes the same decisions). Also tried, and dropped because it did not help (README,
+Surrogate): teaching the GP each relaxed structure itself, and the projected enthalpy of relaxations
+stopped early.
+
+Two acquisition functions (``surrogate.acquisition``):
+
+* ``lcb``: lowest ``mu - kappa * sigma``;
+* ``ei``: highest expected improvement below the best enthalpy found so far,
+  ``E[max(0, best - y)]`` under the predictive Gaussian. A proposal confidently predicted to relax to
+  the best known minimum (a near copy of it) has nearly zero EI, while LCB ranks it first. Such a
+  relaxation can only rediscover that minimum. benchmarks/surrogate_value.py measures both.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.core import Structure
+from scipy.stats import norm
 
 from surrogates.descriptors import make_descriptor
 from surrogates.gp import GPSettings, GPSurrogate
@@ -28,14 +40,36 @@ from surrogates.gp import GPSettings, GPSurrogate
 class Prediction:
     mu: float  # predicted relaxed enthalpy, eV/atom
     sigma: float  # predictive standard deviation, eV/atom
-    lcb: float  # mu - kappa * sigma, the ranking score (lower is more promising)
+    lcb: float  # mu - kappa * sigma
+    ei: float  # expected improvement below the best enthalpy so far, eV/atom (NaN without a best)
+    score: float  # what the acquisition ranks by, lower is more promising (lcb, or -ei)
 
     def as_dict(self) -> dict[str, float]:
-        return {"mu": self.mu, "sigma": self.sigma, "lcb": self.lcb}
+        return {"mu": self.mu, "sigma": self.sigma, "lcb": self.lcb, "ei": self.ei}
 
 
 def lower_confidence_bound(mu: np.ndarray, sigma: np.ndarray, kappa: float) -> np.ndarray:
     return np.asarray(mu) - kappa * np.asarray(sigma)
+
+
+def expected_improvement(mu: np.ndarray, sigma: np.ndarray, best: float) -> np.ndarray:
+    """E[max(0, best - y)] for y ~ N(mu, sigma^2), eV/atom."""
+    mu, sigma = np.asarray(mu, dtype=float), np.maximum(np.asarray(sigma, dtype=float), 1e-12)
+    gap = best - mu
+    z = gap / sigma
+    return gap * norm.cdf(z) + sigma * norm.pdf(z)
+
+
+def learned_points(row) -> list[tuple[str, float]]:
+    """(structure JSON, enthalpy per atom) pairs an archive row teaches the surrogate, in order.
+
+    ``row`` needs status, initial and enthalpy_per_atom (the candidates table, or the same fields of a
+    just-finished evaluation): one function, so the running engine and a rebuild on resume learn exactly
+    the same points.
+    """
+    if str(row["status"]) == "relaxed":
+        return [(row["initial"], row["enthalpy_per_atom"])]
+    return []
 
 
 class SurrogateScreen:
@@ -48,11 +82,15 @@ class SurrogateScreen:
         kappa: float,
         gp: GPSettings,
         model: str | None = None,
+        acquisition: str = "lcb",
     ) -> None:
         # model: the matgl model the M3GNet descriptors run (None: the default M3GNet); loaded at the first
         # descriptor call, once per process
         self.describe = make_descriptor(descriptor, elements, model)
         self.kappa = kappa
+        if acquisition not in ("lcb", "ei"):
+            raise ValueError(f"unknown acquisition {acquisition!r}; expected 'lcb' or 'ei'")
+        self.acquisition = acquisition
         self.gp = GPSurrogate(gp)
         self.seconds = 0.0  # master time spent describing, fitting and predicting (for the overhead report)
 
@@ -71,7 +109,7 @@ class SurrogateScreen:
         # the M3GNet descriptors use the run's own model when it relaxes with matgl (it is loaded already),
         # else (EMT, CHGNet, any ASE calculator) the default M3GNet
         model = config.potential.model if config.potential.kind == "matgl" else None
-        return cls(config.composition, s.descriptor, s.kappa, settings, model)
+        return cls(config.composition, s.descriptor, s.kappa, settings, model, s.acquisition)
 
     @property
     def ready(self) -> bool:
@@ -87,26 +125,46 @@ class SurrogateScreen:
     def learn(self, descriptor: np.ndarray, enthalpy_per_atom: float) -> None:
         self.gp.add(descriptor, enthalpy_per_atom)
 
-    def rebuild(self, archive) -> int:
-        """Learn every relaxed candidate of an archive, in commit order; returns the number learned."""
+    def learn_row(self, row, initial_descriptor: np.ndarray | None = None) -> int:
+        """Learn what one archive row teaches (learned_points); returns the number of points added.
+
+        ``initial_descriptor``: the descriptor of the row's initial structure when the caller has it
+        already (computed for the ranking), so it is not computed twice.
+        """
         from globopt.archive import structure_from_json
 
+        points = learned_points(row)
+        for index, (structure_json, enthalpy) in enumerate(points):
+            if index == 0 and initial_descriptor is not None:
+                descriptor = initial_descriptor
+            else:
+                descriptor = self.descriptor(structure_from_json(structure_json))
+            self.learn(descriptor, enthalpy)
+        return len(points)
+
+    def rebuild(self, archive) -> int:
+        """Learn every finished candidate of an archive, in commit order; returns the points learned."""
         count = 0
         # finished_at is stamped at commit, so this is the order the running engine learned them in
         rows = archive.db.execute(
-            "SELECT initial, enthalpy_per_atom FROM candidates WHERE status='relaxed'"
-            " ORDER BY finished_at, id"
+            "SELECT status, initial, enthalpy_per_atom FROM candidates"
+            " WHERE status = 'relaxed' ORDER BY finished_at, id"
         )
         for row in rows:
-            self.learn(self.descriptor(structure_from_json(row["initial"])), row["enthalpy_per_atom"])
-            count += 1
+            count += self.learn_row(row)
         return count
 
-    def rank(self, descriptors: Sequence[np.ndarray]) -> list[Prediction]:
+    def rank(self, descriptors: Sequence[np.ndarray], best: float | None = None) -> list[Prediction]:
+        """Predictions with their acquisition score; ``best``: lowest enthalpy per atom so far (for EI)."""
         started = time.perf_counter()
         try:
             mu, sigma = self.gp.predict(np.vstack(descriptors))
         finally:
             self.seconds += time.perf_counter() - started
         lcb = lower_confidence_bound(mu, sigma, self.kappa)
-        return [Prediction(float(m), float(s), float(b)) for m, s, b in zip(mu, sigma, lcb, strict=True)]
+        ei = expected_improvement(mu, sigma, best) if best is not None else np.full(len(mu), math.nan)
+        score = -ei if self.acquisition == "ei" and best is not None else lcb
+        return [
+            Prediction(float(m), float(s), float(b), float(e), float(c))
+            for m, s, b, e, c in zip(mu, sigma, lcb, ei, score, strict=True)
+        ]

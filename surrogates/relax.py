@@ -22,6 +22,7 @@ from ase.optimize import BFGS, FIRE, LBFGS
 from surrogates.calculators import TimedCalculator
 from surrogates.cell_filter import FastFrechetCellFilter
 from surrogates.early_stop import EarlyStopper
+from surrogates.known_minima import KnownMinimaWatch
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
 
@@ -61,6 +62,7 @@ class RelaxOutcome:
     energies: list[float] = field(default_factory=list)
     pv: float = 0.0  # pressure x volume of the final cell, eV
     projected_enthalpy_per_atom: float | None = None  # where a stopped_early relaxation was heading
+    known_minimum: int | None = None  # candidate id of the known minimum it was stopped falling into
 
     @property
     def enthalpy(self) -> float:
@@ -73,6 +75,7 @@ def relax(
     settings: RelaxSettings,
     on_step: Callable[[int, float], None] | None = None,
     stopper: EarlyStopper | None = None,
+    watch: KnownMinimaWatch | None = None,
 ) -> RelaxOutcome:
     """Relax positions (and the cell, under the configured pressure) until fmax or max_steps.
 
@@ -80,7 +83,8 @@ def relax(
     thread (an MPI worker sends heartbeats from it) or cancel: an exception derived from BaseException
     but not Exception propagates, while an ordinary exception is recorded as an ``error`` outcome.
     ``stopper`` (surrogates/early_stop.py) ends a relaxation heading clearly above the best enthalpy found
-    so far as ``stopped_early``.
+    so far as ``stopped_early``; ``watch`` (surrogates/known_minima.py) ends one falling into a minimum
+    the search has found already, also as ``stopped_early``.
     """
     start = time.perf_counter()
     atoms = atoms.copy()
@@ -117,6 +121,16 @@ def relax(
                         f"{stopper.settings.margin} above the best {stopper.best_enthalpy_per_atom:.3f}"
                     )
                     break
+            if watch is not None:
+                enthalpy = energy + pressure * atoms.get_volume()
+                minimum = watch.check(steps, atoms, enthalpy / n_atoms)
+                if minimum is not None:
+                    failure = "stopped_early"
+                    reason = (
+                        f"falling into known minimum {minimum.candidate_id} "
+                        f"({minimum.enthalpy_per_atom:.4f} eV/atom) after {steps} steps"
+                    )
+                    break
         if not failure:
             failure, reason = _guard(atoms, float(atoms.get_potential_energy()), n_atoms, settings, True)
     except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
@@ -145,8 +159,18 @@ def relax(
         reason=reason,
         energies=energies,
         pv=pressure * final.get_volume(),
-        projected_enthalpy_per_atom=stopper.projected_per_atom if failure == "stopped_early" else None,
+        projected_enthalpy_per_atom=_projection(failure, stopper, watch),
+        known_minimum=watch.entered.candidate_id if watch is not None and watch.entered else None,
     )
+
+
+def _projection(failure: str | None, stopper: EarlyStopper | None, watch: KnownMinimaWatch | None):
+    """Where a stopped relaxation was heading: the known minimum it fell into, or the stopper's estimate."""
+    if failure != "stopped_early":
+        return None
+    if watch is not None and watch.entered is not None:
+        return watch.entered.enthalpy_per_atom
+    return stopper.projected_per_atom if stopper is not None else None
 
 
 def _guard(

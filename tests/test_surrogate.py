@@ -15,13 +15,17 @@ from helpers import emt_config, read_results
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from globopt.archive import structure_to_json
 from globopt.candidate import RelaxTask, Status
 from globopt.cli import main
 from globopt.config import ConfigError, PotentialConfig, parse_config
+from globopt.duplicates import reduced_for_matching
 from globopt.evaluation import EvaluatorSettings, evaluate
+from surrogates.acquisition import expected_improvement, learned_points, lower_confidence_bound
 from surrogates.descriptors import DESCRIPTORS, M3GNET_ENERGY_WEIGHT, PairRDFDescriptor, make_descriptor
 from surrogates.early_stop import EarlyStopSettings, projected_final
 from surrogates.gp import GPSettings, GPSurrogate, fit_sizes
+from surrogates.known_minima import KnownMinimaSettings, KnownMinimum
 from surrogates.relax import RelaxSettings
 
 GA = {"population_size": 6, "initial_random": 6}
@@ -203,6 +207,32 @@ def test_refit_schedule_grows_geometrically() -> None:
     assert len(sizes) < 60, "hyperparameters must not be refitted every few points at thousands of points"
 
 
+# -- acquisition ------------------------------------------------------------------------------------------
+def test_expected_improvement_is_the_mean_improvement_below_the_best() -> None:
+    rng = np.random.default_rng(3)
+    best = -4.5
+    mu, sigma = np.array([-4.6, -4.5, -4.45, -4.2]), np.array([0.05, 0.02, 0.08, 0.1])
+    samples = rng.normal(mu, sigma, (400_000, 4))
+    monte_carlo = np.maximum(0.0, best - samples).mean(0)
+    np.testing.assert_allclose(expected_improvement(mu, sigma, best), monte_carlo, atol=2e-4)
+    # a confident copy of the best promises little, an uncertain proposal a bit above it more; LCB ranks
+    # them the other way round
+    mu, sigma = np.array([-4.50, -4.46]), np.array([0.005, 0.04])
+    copy, unknown = expected_improvement(mu, sigma, best)
+    assert unknown > 1.5 * copy
+    lcb_copy, lcb_unknown = lower_confidence_bound(mu, sigma, kappa=1.0)
+    assert lcb_copy < lcb_unknown
+
+
+def test_only_relaxed_candidates_teach_the_surrogate() -> None:
+    structure = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]])
+    initial = structure_to_json(structure)
+    row = {"status": "relaxed", "initial": initial, "enthalpy_per_atom": -3.7}
+    assert learned_points(row) == [(initial, -3.7)]
+    for status in ("stopped_early", "collapsed", "skipped", "duplicate", "unconverged"):
+        assert learned_points({**row, "status": status}) == []
+
+
 # -- early stopping ---------------------------------------------------------------------------------------
 def test_projection_extrapolates_a_geometric_decay() -> None:
     limit = -10.0
@@ -237,9 +267,40 @@ def test_hopeless_relaxation_is_stopped_early_with_its_projected_energy() -> Non
     assert finished.status is plain.status
 
 
+def test_a_relaxation_falling_into_a_known_minimum_is_stopped_there() -> None:
+    relax = RelaxSettings(fmax=0.01, max_steps=300)
+    start = random_cuau(np.random.default_rng(5))
+    minimum = evaluate(RelaxTask(1, start), EvaluatorSettings(EMT_POTENTIAL, relax))
+    assert minimum.status is Status.RELAXED
+    # a strained, rattled copy of the minimum: it relaxes straight back
+    copy = minimum.relaxed.copy()
+    copy.apply_strain(0.03)
+    copy.perturb(0.1, min_distance=0.05, seed=2)
+    plain = evaluate(RelaxTask(2, copy), EvaluatorSettings(EMT_POTENTIAL, relax))
+    assert plain.status is Status.RELAXED
+    assert abs(plain.enthalpy_per_atom - minimum.enthalpy_per_atom) < 1e-3
+    known = KnownMinimum(1, minimum.enthalpy_per_atom, reduced_for_matching(minimum.relaxed))
+    watch = KnownMinimaSettings(first_step=3, every=1, energy_window=0.05, max_force=1.0)
+    settings = EvaluatorSettings(EMT_POTENTIAL, relax, known_minima=watch)
+    stopped = evaluate(RelaxTask(2, copy, known_minima=(known,)), settings)
+    assert stopped.status is Status.STOPPED_EARLY and "known minimum 1" in stopped.reason
+    assert stopped.extra["known_minimum"] == 1
+    assert stopped.extra["projected_enthalpy_per_atom"] == minimum.enthalpy_per_atom
+    assert stopped.n_force_calls < plain.n_force_calls
+    # the same energy but another geometry (a dilated copy does not match under ltol): relaxed to the end
+    elsewhere = minimum.relaxed.copy()
+    elsewhere.apply_strain([0.4, 0.0, 0.0])
+    other = KnownMinimum(1, minimum.enthalpy_per_atom, reduced_for_matching(elsewhere))
+    finished = evaluate(RelaxTask(2, copy, known_minima=(other,)), settings)
+    assert finished.status is Status.RELAXED
+    assert finished.n_force_calls == plain.n_force_calls
+
+
 # -- engine -----------------------------------------------------------------------------------------------
-def run_surrogate_ga(folder: Path, evaluations: int, out: Path, *flags: str) -> int:
-    config = emt_config(folder, name="gp", evaluations=evaluations, mode="ga", ga=GA, surrogate=SURROGATE)
+def run_surrogate_ga(folder: Path, evaluations: int, out: Path, *flags: str, **surrogate) -> int:
+    config = emt_config(
+        folder, name="gp", evaluations=evaluations, mode="ga", ga=GA, surrogate={**SURROGATE, **surrogate}
+    )
     return main(["run", str(config), "--out", str(out), *flags])
 
 
@@ -285,17 +346,36 @@ def test_surrogate_ga_skips_proposals_without_spending_the_budget(surrogate_run:
         db.close()
 
 
+VARIANTS = {
+    "lcb": {},
+    "ei": {"acquisition": "ei"},
+    # relaxations stopped at known minima do not teach the GP: start ranking after 3 relaxed structures
+    "ei-known-minima": {"acquisition": "ei", "min_points": 3, "early_stop": {"known_minima": True}},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_resume_rebuilds_the_surrogate_and_makes_the_same_decisions(
-    tmp_path: Path, surrogate_run: Path
+    tmp_path: Path, surrogate_run: Path, variant: str
 ) -> None:
+    overrides = VARIANTS[variant]
+    whole = surrogate_run
+    if overrides:
+        whole = tmp_path / "whole"
+        assert run_surrogate_ga(tmp_path, BUDGET, whole, **overrides) == 0
     split = tmp_path / "split"
-    assert run_surrogate_ga(tmp_path, 6, split) == 0
-    assert run_surrogate_ga(tmp_path, BUDGET, split, "--resume") == 0
+    assert run_surrogate_ga(tmp_path, 6, split, **overrides) == 0
+    assert run_surrogate_ga(tmp_path, BUDGET, split, "--resume", **overrides) == 0
 
-    def sequence(run: Path) -> list[tuple[str, str, str]]:
-        return [(r["origin"], r["status"], r["energy_per_atom"]) for r in read_results(run)]
+    def sequence(run: Path) -> list[tuple[str, str, str, str]]:
+        return [(r["origin"], r["status"], r["energy_per_atom"], r["reason"]) for r in read_results(run)]
 
-    assert sequence(split) == sequence(surrogate_run)
+    assert sequence(split) == sequence(whole)
+    if "acquisition" in overrides:
+        reasons = [r["reason"] for r in read_results(whole) if r["status"] == "skipped"]
+        assert reasons and all(reason.startswith("surrogate EI") for reason in reasons)
+    if "early_stop" in overrides:
+        assert any("known minimum" in r["reason"] for r in read_results(whole))
 
 
 def test_surrogate_config_errors_name_the_key() -> None:
