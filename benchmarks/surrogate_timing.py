@@ -9,6 +9,11 @@ n the script measures, with one torch thread, what one engine step costs the mas
 * fit: one hyperparameter refit at n points, amortised over the refit interval of the default schedule
   (max(refit_every, refit_growth * n) new points).
 
+With ``--stall-window A B`` it also grows one GP from A to B points, one point and one ranking per step as in
+the engine, once with the refit in the master's thread and once in the background (gp.py,
+``background_refit``), and reports the longest step, where the master sits still while every worker
+waits for work, and the window's total time.
+
 Compare the per-step sum with the time of one relaxation (M3GNet: ~1 s for 6-8 atoms on one core, see
 benchmarks/results/surrogate_value.json). Accuracy on the held-out tail of the data is reported for the GP
 and for scikit-learn baselines (predict the mean; k-nearest neighbours on the same descriptors).
@@ -69,6 +74,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=6, help="proposals ranked per step")
     parser.add_argument("--steps", type=int, default=5, help="steps averaged per size")
     parser.add_argument(
+        "--stall-window", nargs=2, type=int, metavar=("FROM", "TO"), help="also time the longest master step"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "surrogate_timing.json"
     )
     args = parser.parse_args()
@@ -77,7 +85,7 @@ def main() -> None:
     from sklearn.neighbors import KNeighborsRegressor
 
     torch.set_num_threads(1)
-    biggest = max(args.sizes) + args.steps
+    biggest = max([*args.sizes, *(args.stall_window or [])]) + args.steps
     structures = cuau_cells(biggest + args.test, seed=0)
     describe = PairRDFDescriptor(("Cu", "Au"))
     started = time.perf_counter()
@@ -131,6 +139,11 @@ def main() -> None:
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
+    stalls = []
+    if args.stall_window:
+        for background in (False, True):
+            stalls.append(master_stall(x, y, x_test[: args.candidates], *args.stall_window, background))
+            print(json.dumps(stalls[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -140,10 +153,37 @@ def main() -> None:
                 "descriptor_ms_per_structure": describe_ms,
                 "gp_defaults": defaults.__dict__,
                 "rows": rows,
+                "master_stall": stalls,
             },
             indent=2,
         )
     )
+
+
+def master_stall(x, y, candidates, start: int, stop: int, background: bool) -> dict:
+    """Grow a GP from ``start`` to ``stop`` points as the engine does and time each step on the master."""
+    gp = GPSurrogate(GPSettings(background_refit=background))
+    for row, energy in zip(x[:start], y[:start], strict=True):
+        gp.add(row, energy)
+    gp.predict(candidates)  # the first fit is always in the master's thread; not part of the window
+    steps = []
+    window_started = time.perf_counter()
+    for k in range(start, stop):
+        started = time.perf_counter()
+        gp.add(x[k], y[k])
+        gp.predict(candidates)
+        steps.append(time.perf_counter() - started)
+    window = time.perf_counter() - window_started
+    gp.wait_for_refit()
+    return {
+        "background_refit": background,
+        "points": [start, stop],
+        "refits_in_window": fit_sizes(GPSettings(), stop - 1) != fit_sizes(GPSettings(), start),
+        "background_fits_installed": gp.timings.background_fits,
+        "longest_step_seconds": max(steps),
+        "median_step_seconds": float(np.median(steps)),
+        "window_seconds": window,
+    }
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
         "GaN": ({"Ga": 2, "N": 2}, wurtzite),
         "ZnO": ({"Zn": 2, "O": 2}, zinc_oxide),
         "ZnO8": ({"Zn": 4, "O": 4}, zinc_oxide.make_supercell([1, 1, 2], in_place=False)),
+        "GaN8": ({"Ga": 4, "N": 4}, wurtzite.make_supercell([1, 1, 2], in_place=False)),
         "TiO2-12": ({"Ti": 4, "O": 8}, anatase),
     }
 

@@ -175,7 +175,12 @@ class Engine:
         self._predictions: dict[int, tuple[Prediction, object]] = {}  # pending id -> (prediction, descriptor)
         early_stop = known_minima = None
         if config.surrogate.enabled:
-            self.surrogate = SurrogateScreen.from_config(config)
+            # several workers: results arrive in any order, so decisions depend on timing anyway, and a
+            # refit that blocks the master idles all of them (gp.py)
+            from globopt import mpi
+
+            background = mpi.master_active() or config.workers > 1
+            self.surrogate = SurrogateScreen.from_config(config, background_refit=background)
             learned = self.surrogate.rebuild(self.archive)
             if learned:
                 log.info("surrogate rebuilt from %d relaxed candidates in the archive", learned)

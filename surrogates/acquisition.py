@@ -95,7 +95,8 @@ class SurrogateScreen:
         self.seconds = 0.0  # master time spent describing, fitting and predicting (for the overhead report)
 
     @classmethod
-    def from_config(cls, config) -> SurrogateScreen:
+    def from_config(cls, config, background_refit: bool = False) -> SurrogateScreen:
+        """``background_refit``: see gp.py; the engine sets it when several workers share the master."""
         # RunConfig validation guarantees a composition here: it rejects surrogate.enabled with mode htvs.
         s = config.surrogate
         settings = GPSettings(
@@ -105,6 +106,7 @@ class SurrogateScreen:
             sparse_above=s.sparse_above,
             inducing_points=s.inducing_points,
             seed=config.seed,
+            background_refit=background_refit,
         )
         # the M3GNet descriptors use the run's own model when it relaxes with matgl (it is loaded already),
         # else (EMT, CHGNet, any ASE calculator) the default M3GNet

@@ -17,11 +17,19 @@ order they were added (the schedule fixes ``k``), so the model is a pure functio
 rebuilding it from the archive on resume reproduces the decisions of the run that was killed, with no
 separate surrogate state to keep in sync. Everything runs in float64 on the CPU with one torch thread
 (the master must not compete with the workers for cores).
+
+With ``background_refit`` a refit after the first runs in a thread while the master goes on ranking with
+the previous hyperparameters (conditioned on every point as usual); the new ones are swapped in at the
+first prediction after the fit ends. A refit at thousands of points takes tens of seconds, and on the
+master of an MPI run that is tens of seconds in which no worker gets new work. The price is that when
+the swap happens depends on timing, so decisions are no longer a pure function of the data; the
+engine uses it only where they are not anyway (several workers finishing in any order).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +56,7 @@ class GPSettings:
     sparse_above: int = 1000
     inducing_points: int = 200
     seed: int = 0
+    background_refit: bool = False  # refits after the first run in a thread (see the module doc)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class GPTimings:
     condition: float = 0.0
     predict: float = 0.0
     fits: int = 0
+    background_fits: int = 0  # of the fits, those run in the background thread
 
 
 @contextlib.contextmanager
@@ -107,6 +117,8 @@ class GPSurrogate:
         self._x_scaler: StandardScaler | None = None
         self._y_scaler: StandardScaler | None = None
         self.timings = GPTimings()
+        self._refit_thread: threading.Thread | None = None
+        self._refit_result: _Fit | None = None  # set by the refit thread when it is done
 
     # -- data ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -142,9 +154,11 @@ class GPSurrogate:
     def _update(self) -> None:
         n = len(self._y)
         target = fit_sizes(self.settings, n)
-        if target != self._fitted_on or self._posterior is None:
+        if self._posterior is None or (target != self._fitted_on and not self.settings.background_refit):
             with _one_torch_thread():
-                self._fit(target)
+                self._install(self._train(target))
+        elif target != self._fitted_on:
+            self._refit_in_background(target)
         if self._conditioned_on != n:
             started = time.perf_counter()
             # one point at a time, in order: the same arithmetic whether the points arrive one per step
@@ -155,19 +169,48 @@ class GPSurrogate:
             self._conditioned_on = n
             self.timings.condition = time.perf_counter() - started
 
+    def _refit_in_background(self, target: int) -> None:
+        """Install a finished background fit, or start one on the first ``target`` points."""
+        if self._refit_thread is not None and not self._refit_thread.is_alive():
+            self._refit_thread.join()
+            self._refit_thread = None
+            result, self._refit_result = self._refit_result, None
+            if result is not None:  # None: the fit raised; the next call tries again
+                self._install(result)
+                self.timings.background_fits += 1
+        if self._refit_thread is None and target != self._fitted_on:
+            x, y = list(self._x[:target]), list(self._y[:target])  # the thread sees a fixed copy
+
+            def fit() -> None:
+                with _one_torch_thread():
+                    self._refit_result = self._train(target, x, y)
+
+            self._refit_thread = threading.Thread(target=fit, name="gp-refit", daemon=True)
+            self._refit_thread.start()
+
+    def wait_for_refit(self) -> None:
+        """Block until a background refit has finished (tests, and the end of a benchmark)."""
+        if self._refit_thread is not None:
+            self._refit_thread.join()
+
     def _scaled(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         x = self._x_scaler.transform(np.vstack(self._x[start:stop]))
         y = self._y_scaler.transform(np.asarray(self._y[start:stop])[:, None])[:, 0]
         return x, y
 
-    def _fit(self, size: int) -> None:
+    def _train(self, size: int, xs: list | None = None, ys: list | None = None) -> _Fit:
+        """Fit hyperparameters on the first ``size`` points (of ``xs``/``ys``, default the data); touches
+        no state of the surrogate, so it may run in a thread."""
         import gpytorch
         import torch
 
         started = time.perf_counter()
-        self._x_scaler = StandardScaler().fit(np.vstack(self._x[:size]))
-        self._y_scaler = StandardScaler().fit(np.asarray(self._y[:size])[:, None])
-        x_np, y_np = self._scaled(0, size)
+        xs = self._x[:size] if xs is None else xs
+        ys = self._y[:size] if ys is None else ys
+        x_scaler = StandardScaler().fit(np.vstack(xs))
+        y_scaler = StandardScaler().fit(np.asarray(ys)[:, None])
+        x_np = x_scaler.transform(np.vstack(xs))
+        y_np = y_scaler.transform(np.asarray(ys)[:, None])[:, 0]
         x, y = torch.as_tensor(x_np), torch.as_tensor(y_np)
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
@@ -193,19 +236,22 @@ class GPSurrogate:
                 loss = -mll(model(x), y)
                 loss.backward()
                 optimizer.step()
-        self._model, self._likelihood = model, likelihood
         base = model.covar_module_base
-        self._posterior = _Posterior(
+        posterior = _Posterior(
             lengthscale=float(base.base_kernel.lengthscale.item()),
             outputscale=float(base.outputscale.item()),
             noise=float(likelihood.noise.item()),
             mean=float(model.mean_module.constant.item()),
             inducing=None if inducing is None else model.covar_module.inducing_points.detach().numpy().copy(),
         )
-        self._posterior.reset(x_np, y_np)
-        self._fitted_on = size
-        self._conditioned_on = size
-        self.timings.fit = time.perf_counter() - started
+        posterior.reset(x_np, y_np)
+        return _Fit(size, model, likelihood, posterior, x_scaler, y_scaler, time.perf_counter() - started)
+
+    def _install(self, fit: _Fit) -> None:
+        self._model, self._likelihood, self._posterior = fit.model, fit.likelihood, fit.posterior
+        self._x_scaler, self._y_scaler = fit.x_scaler, fit.y_scaler
+        self._fitted_on = self._conditioned_on = fit.size
+        self.timings.fit = fit.seconds
         self.timings.fits += 1
 
     def hyperparameters(self) -> dict[str, float]:
@@ -219,6 +265,19 @@ class GPSurrogate:
             "noise": float(self._likelihood.noise.item()),
             "fitted_on": self._fitted_on,
         }
+
+
+@dataclass
+class _Fit:
+    """A hyperparameter fit and the posterior on the points it was fitted on."""
+
+    size: int
+    model: object
+    likelihood: object
+    posterior: _Posterior
+    x_scaler: StandardScaler
+    y_scaler: StandardScaler
+    seconds: float
 
 
 class _Posterior:

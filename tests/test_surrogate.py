@@ -198,6 +198,29 @@ def test_sparse_gp_agrees_with_exact_gp_on_small_data(cuau_data) -> None:
     assert np.all(sigma_sparse > 0)
 
 
+def test_background_refit_keeps_ranking_and_then_matches_the_foreground_fit(cuau_data) -> None:
+    x, y, _ = cuau_data
+    settings = GPSettings(min_points=10, refit_every=10, refit_growth=0.1)
+    foreground = GPSurrogate(settings)
+    background = GPSurrogate(GPSettings(**{**settings.__dict__, "background_refit": True}))
+    for gp in (foreground, background):
+        for row, energy in zip(x[:40], y[:40], strict=True):
+            gp.add(row, energy)
+        gp.predict(x[100:])  # first fit (always in the caller's thread) on 40 points
+        for row, energy in zip(x[40:55], y[40:55], strict=True):
+            gp.add(row, energy)
+    assert fit_sizes(settings, 55) == 50
+    foreground.predict(x[100:])
+    mu_old, _ = background.predict(x[100:])  # answers at once, with the 40-point hyperparameters
+    assert background.hyperparameters()["fitted_on"] == 40 and np.all(np.isfinite(mu_old))
+    background.wait_for_refit()
+    mu_new, sigma_new = background.predict(x[100:])  # the 50-point fit is swapped in
+    assert background.hyperparameters()["fitted_on"] == 50 and background.timings.background_fits == 1
+    mu_fg, sigma_fg = foreground.predict(x[100:])
+    np.testing.assert_allclose(mu_new, mu_fg, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sigma_new, sigma_fg, rtol=0, atol=1e-9)
+
+
 def test_refit_schedule_grows_geometrically() -> None:
     settings = GPSettings(min_points=10, refit_every=10, refit_growth=0.1)
     assert fit_sizes(settings, 9) == 0
@@ -376,6 +399,17 @@ def test_resume_rebuilds_the_surrogate_and_makes_the_same_decisions(
         assert reasons and all(reason.startswith("surrogate EI") for reason in reasons)
     if "early_stop" in overrides:
         assert any("known minimum" in r["reason"] for r in read_results(whole))
+
+
+def test_surrogate_with_two_pool_workers_refits_in_the_background(tmp_path: Path) -> None:
+    surrogate = {**SURROGATE, "min_points": 3, "refit_every": 2}  # several refits within a short run
+    config = emt_config(
+        tmp_path, name="gp-pool", evaluations=14, mode="ga", ga=GA, surrogate=surrogate, workers=2
+    )
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    rows = read_results(tmp_path / "run")
+    assert sum(Status(r["status"]).used_potential for r in rows) == 14
+    assert any(r["status"] == "skipped" for r in rows), "the GP never ranked a batch"
 
 
 def test_surrogate_config_errors_name_the_key() -> None:
