@@ -83,6 +83,10 @@ def relax_reference(structure: Structure, model: str) -> tuple[float, Structure]
 USED = ("relaxed", "unconverged", "nan", "exploded", "collapsed", "failed", "worker_died", "stopped_early")
 
 
+class SearchInterrupted(Exception):
+    """The engine stopped on SIGTERM or Ctrl-C before the search ended."""
+
+
 def run_search(system: str, content: dict, reference_energy: float, seed: int, args, surrogate: bool) -> dict:
     from globopt.config import parse_config
     from globopt.engine import Engine
@@ -122,8 +126,10 @@ def run_search(system: str, content: dict, reference_energy: float, seed: int, a
         run = RunDirectory.create(parent / config.name, config)
         started = time.perf_counter()
         engine = Engine(config, run, Progress(False))
-        engine.run()
+        summary = engine.run()
         wall = time.perf_counter() - started
+        if summary.interrupted:  # a search cut short is not a miss: record nothing rather than a false one
+            raise SearchInterrupted(config.name)
         gp_seconds = engine.surrogate.seconds if engine.surrogate is not None else 0.0
         archive = run.open_archive()
         relaxations = force_calls = 0
@@ -411,7 +417,12 @@ def main() -> None:
         print(f"reference {system}: {energy:.4f} eV/atom", flush=True)
         for seed in args.seeds:
             for surrogate in [v == "gp" for v in args.variants]:
-                result = run_search(system, content, energy, seed, args, surrogate)
+                try:
+                    result = run_search(system, content, energy, seed, args, surrogate)
+                except SearchInterrupted as stopped:
+                    elapsed = time.perf_counter() - started
+                    write_report(args.out, results, reference_info, elapsed, args.budget)
+                    sys.exit(f"{stopped} was interrupted; {len(results)} finished searches are in {args.out}")
                 results.append(result)
                 print(
                     f"{system:5s} {result['variant']:5s} seed {seed}: "
