@@ -29,6 +29,7 @@ engine uses it only where they are not anyway (several workers finishing in any 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ LEARNING_RATE = 0.1
 NOISE_FLOOR = 1e-4
 # Added to kernel diagonals before a Cholesky factorisation (standardised units).
 JITTER = 1e-8
+
+log = logging.getLogger("globopt.surrogate")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class GPSurrogate:
         self.timings = GPTimings()
         self._refit_thread: threading.Thread | None = None
         self._refit_result: _Fit | None = None  # set by the refit thread when it is done
+        self._refit_size = 0  # points the running (or last) background fit was started on
+        self._refit_error: BaseException | None = None  # set by the refit thread when its fit raised
+        self._background = self.settings.background_refit  # off after a failed background fit
+        self._failed_size = 0  # the fit size whose fit (in the master's thread) raised: not tried again
 
     # -- data ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -132,7 +139,11 @@ class GPSurrogate:
 
     @property
     def ready(self) -> bool:
-        return len(self._y) >= self.settings.min_points
+        """Enough points, and a model to predict with (none while the only fit tried so far failed)."""
+        n = len(self._y)
+        if n < self.settings.min_points:
+            return False
+        return self._posterior is not None or fit_sizes(self.settings, n) != self._failed_size
 
     @property
     def sparse(self) -> bool:
@@ -144,6 +155,10 @@ class GPSurrogate:
         if not self.ready:
             raise RuntimeError(f"the GP needs {self.settings.min_points} points, has {len(self._y)}")
         self._update()
+        if self._posterior is None:  # the first fit failed (logged): the data's mean and spread, this once
+            y = np.asarray(self._y)
+            count = len(np.atleast_2d(descriptors))
+            return np.full(count, y.mean()), np.full(count, y.std())
         started = time.perf_counter()
         x = self._x_scaler.transform(np.atleast_2d(descriptors))
         mean, variance = self._posterior.predict(x)
@@ -154,12 +169,14 @@ class GPSurrogate:
     def _update(self) -> None:
         n = len(self._y)
         target = fit_sizes(self.settings, n)
-        if self._posterior is None or (target != self._fitted_on and not self.settings.background_refit):
-            with _one_torch_thread():
-                self._install(self._train(target))
-        elif target != self._fitted_on:
-            self._refit_in_background(target)
-        if self._conditioned_on != n:
+        if self._background and self._posterior is not None:
+            self._refit_in_background(target)  # turns self._background off if the thread's fit failed
+        if (not self._background or self._posterior is None) and target not in (
+            self._fitted_on,
+            self._failed_size,
+        ):
+            self._fit_here(target)
+        if self._posterior is not None and self._conditioned_on != n:
             started = time.perf_counter()
             # one point at a time, in order: the same arithmetic whether the points arrive one per step
             # (running engine) or all at once (rebuilt on resume)
@@ -169,21 +186,57 @@ class GPSurrogate:
             self._conditioned_on = n
             self.timings.condition = time.perf_counter() - started
 
+    def _fit_here(self, target: int) -> None:
+        """Fit in the caller's thread; a failure is logged and leaves the previous model in place."""
+        try:
+            with _one_torch_thread():
+                fit = self._train(target)
+        except Exception as error:  # whatever broke the fit, the run goes on without it
+            self._failed_size = target
+            keeps = (
+                f"ranking goes on with the hyperparameters fitted on {self._fitted_on} points"
+                if self._posterior is not None
+                else "proposals are relaxed unranked until then"
+            )
+            log.warning(
+                "GP hyperparameter fit on %d points failed (%s: %s); %s; next fit at %d points",
+                target, type(error).__name__, error, keeps, self._next_size(target),
+            )  # fmt: skip
+            return
+        self._install(fit)
+
+    def _next_size(self, size: int) -> int:
+        s = self.settings
+        return max(size + s.refit_every, int(np.ceil(size * (1 + s.refit_growth))))
+
     def _refit_in_background(self, target: int) -> None:
         """Install a finished background fit, or start one on the first ``target`` points."""
         if self._refit_thread is not None and not self._refit_thread.is_alive():
             self._refit_thread.join()
             self._refit_thread = None
             result, self._refit_result = self._refit_result, None
-            if result is not None:  # None: the fit raised; the next call tries again
+            error, self._refit_error = self._refit_error, None
+            if result is not None:
                 self._install(result)
                 self.timings.background_fits += 1
+            elif error is not None:
+                self._background = False  # _update retries in the master's thread, where it is logged
+                log.warning(
+                    "GP hyperparameter fit on %d points failed in the background thread (%s: %s); "
+                    "it and later refits run in the master's thread",
+                    self._refit_size, type(error).__name__, error,
+                )  # fmt: skip
+                return
         if self._refit_thread is None and target != self._fitted_on:
             x, y = list(self._x[:target]), list(self._y[:target])  # the thread sees a fixed copy
+            self._refit_size = target
 
             def fit() -> None:
-                with _one_torch_thread():
-                    self._refit_result = self._train(target, x, y)
+                try:
+                    with _one_torch_thread():
+                        self._refit_result = self._train(target, x, y)
+                except Exception as error:  # handed to the master's thread, which logs it
+                    self._refit_error = error
 
             self._refit_thread = threading.Thread(target=fit, name="gp-refit", daemon=True)
             self._refit_thread.start()

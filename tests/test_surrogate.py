@@ -221,6 +221,99 @@ def test_background_refit_keeps_ranking_and_then_matches_the_foreground_fit(cuau
     np.testing.assert_allclose(sigma_new, sigma_fg, rtol=0, atol=1e-9)
 
 
+def _failing_fits(monkeypatch, sizes: set[int]) -> list[int]:
+    """Make the hyperparameter fits on these numbers of points raise, as a broken factorisation would;
+    returns the sizes every fit was tried on."""
+    tried: list[int] = []
+    train = GPSurrogate._train
+
+    def train_or_fail(self, size, xs=None, ys=None):
+        tried.append(size)
+        if size in sizes:
+            raise RuntimeError(f"simulated failure of the fit on {size} points")
+        return train(self, size, xs, ys)
+
+    monkeypatch.setattr(GPSurrogate, "_train", train_or_fail)
+    return tried
+
+
+def test_a_failed_refit_keeps_the_previous_model_and_is_not_retried(cuau_data, monkeypatch, caplog) -> None:
+    x, y, _ = cuau_data
+    tried = _failing_fits(monkeypatch, {50})
+    gp = GPSurrogate(GPSettings(min_points=10, refit_every=10, refit_growth=0.1))
+    for row, energy in zip(x[:40], y[:40], strict=True):
+        gp.add(row, energy)
+    first, _ = gp.predict(x[100:])
+    with caplog.at_level("WARNING", logger="globopt.surrogate"):
+        for row, energy in zip(x[40:55], y[40:55], strict=True):
+            gp.add(row, energy)
+            mu, sigma = gp.predict(x[100:])  # one prediction per new point, as the engine does
+    assert np.all(np.isfinite(mu)) and np.all(sigma > 0)
+    assert gp.hyperparameters()["fitted_on"] == 40 and tried == [40, 50]  # 50 tried once, not per step
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "fit on 50 points failed" in messages[0] and "fitted on 40" in messages[0]
+    assert "next fit at 60" in messages[0]
+    for row, energy in zip(x[55:60], y[55:60], strict=True):
+        gp.add(row, energy)
+    gp.predict(x[100:])
+    assert gp.hyperparameters()["fitted_on"] == 60 and not np.allclose(gp.predict(x[100:])[0], first)
+
+
+def test_a_failed_first_fit_leaves_the_surrogate_not_ready_until_the_next_size(
+    cuau_data, monkeypatch, caplog
+) -> None:
+    x, y, _ = cuau_data
+    _failing_fits(monkeypatch, {10})
+    gp = GPSurrogate(GPSettings(min_points=10, refit_every=10, refit_growth=0.1))
+    for row, energy in zip(x[:10], y[:10], strict=True):
+        gp.add(row, energy)
+    assert gp.ready
+    with caplog.at_level("WARNING", logger="globopt.surrogate"):
+        mu, sigma = gp.predict(x[100:103])  # the fit fails: this once, the data's mean and spread
+    np.testing.assert_allclose(mu, y[:10].mean())
+    np.testing.assert_allclose(sigma, y[:10].std())
+    assert "relaxed unranked" in caplog.records[0].getMessage()
+    assert not gp.ready  # the engine relaxes proposals unranked, instead of failing the same fit per step
+    for row, energy in zip(x[10:20], y[10:20], strict=True):
+        gp.add(row, energy)
+    assert gp.ready
+    gp.predict(x[100:])
+    assert gp.hyperparameters()["fitted_on"] == 20
+
+
+def test_a_background_refit_that_fails_is_logged_once_and_redone_in_the_masters_thread(
+    cuau_data, monkeypatch, caplog
+) -> None:
+    import threading
+
+    x, y, _ = cuau_data
+    tried: list[tuple[int, str]] = []
+    train = GPSurrogate._train
+
+    def fail_in_the_thread(self, size, xs=None, ys=None):
+        where = threading.current_thread().name
+        tried.append((size, where))
+        if where == "gp-refit":
+            raise RuntimeError("simulated failure in the refit thread")
+        return train(self, size, xs, ys)
+
+    monkeypatch.setattr(GPSurrogate, "_train", fail_in_the_thread)
+    gp = GPSurrogate(GPSettings(min_points=10, refit_every=10, refit_growth=0.1, background_refit=True))
+    for row, energy in zip(x[:40], y[:40], strict=True):
+        gp.add(row, energy)
+    gp.predict(x[100:])
+    with caplog.at_level("WARNING", logger="globopt.surrogate"):
+        for row, energy in zip(x[40:70], y[40:70], strict=True):
+            gp.add(row, energy)
+            gp.predict(x[100:])
+            gp.wait_for_refit()
+    main_thread = threading.main_thread().name
+    assert tried == [(40, main_thread), (50, "gp-refit")] + [(n, main_thread) for n in (50, 60, 70)]
+    assert gp.hyperparameters()["fitted_on"] == 70 and gp.timings.background_fits == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "background thread" in messages[0] and "master's thread" in messages[0]
+
+
 def test_refit_schedule_grows_geometrically() -> None:
     settings = GPSettings(min_points=10, refit_every=10, refit_growth=0.1)
     assert fit_sizes(settings, 9) == 0
