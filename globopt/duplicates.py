@@ -7,6 +7,7 @@ number of full comparisons per query small and independent of archive size in pr
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -161,9 +162,10 @@ class DuplicateIndex:
 
     def lowest(self, count: int) -> list[tuple[int, float, Structure]]:
         """(candidate id, energy, reduced cell) of the ``count`` lowest-energy entries, lowest first."""
-        entries = [e for bucket in self._buckets.values() for e in bucket if e.energy is not None]
-        entries.sort(key=lambda e: (e.energy, e.candidate_id))
-        return [(e.candidate_id, e.energy, e.reduced) for e in entries[:count]]
+        # called once per task with known_minima on: O(n log count), not a full sort of the archive
+        entries = (e for bucket in self._buckets.values() for e in bucket if e.energy is not None)
+        lowest = heapq.nsmallest(count, entries, key=lambda e: (e.energy, e.candidate_id))
+        return [(e.candidate_id, e.energy, e.reduced) for e in lowest]
 
     def energy_of(self, candidate_id: int) -> float | None:
         for entries in self._buckets.values():

@@ -113,6 +113,16 @@ def test_duplicate_index_still_finds_a_strained_copy() -> None:
     assert index.find(copy, key=index.key(structure)) == 1
 
 
+def test_duplicate_index_lists_the_lowest_minima_lowest_first() -> None:
+    index = DuplicateIndex(0.2, 0.3, 5, 0.05, 0.1)
+    stream = _stream()
+    energies = [-3.0, -5.0, None, -4.0, -5.0, -1.0]  # None: unrelaxed, never a minimum; -5.0 twice: by id
+    for candidate_id, energy in enumerate(energies, start=1):
+        index.add(candidate_id, stream.next().structure, energy=energy)
+    assert [(i, e) for i, e, _ in index.lowest(3)] == [(2, -5.0), (5, -5.0), (4, -4.0)]
+    assert len(index.lowest(10)) == 5
+
+
 def test_screened_rows_are_committed_with_the_next_durable_write(tmp_path: Path) -> None:
     archive = Archive(tmp_path / "archive.sqlite")
     structure = _stream().next().structure
