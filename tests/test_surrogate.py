@@ -23,7 +23,7 @@ from globopt.duplicates import reduced_for_matching
 from globopt.evaluation import EvaluatorSettings, evaluate
 from surrogates.acquisition import expected_improvement, learned_points, lower_confidence_bound
 from surrogates.descriptors import DESCRIPTORS, M3GNET_ENERGY_WEIGHT, PairRDFDescriptor, make_descriptor
-from surrogates.early_stop import EarlyStopSettings, projected_final
+from surrogates.early_stop import EarlyStopper, EarlyStopSettings, projected_final
 from surrogates.gp import GPSettings, GPSurrogate, fit_sizes
 from surrogates.known_minima import KnownMinimaSettings, KnownMinimum
 from surrogates.relax import RelaxSettings
@@ -358,6 +358,18 @@ def test_projection_extrapolates_a_geometric_decay() -> None:
     assert projected == pytest.approx(limit, abs=1e-6)
     # a stalled relaxation is projected at its lowest point, never above it
     assert projected_final([1.0, 0.5, 0.6, 0.6, 0.6], window=2) == 0.5
+
+
+def test_no_stop_is_decided_before_the_projection_has_two_windows() -> None:
+    # a 12-atom cell still falling 0.1 eV/atom per step at step 20, 1 eV/atom above best + margin: its
+    # current enthalpy says hopeless, but it has far to fall (the TiO2-12 searches lost hits this way)
+    falling = [12 * (-6.0 - 0.1 * step) for step in range(40)]
+    stopper = EarlyStopper(EarlyStopSettings(margin=0.3, min_steps=20, window=10), -8.9, 12)
+    assert not stopper.hopeless(falling[:20])  # 20 enthalpies: no two windows yet, so no decision
+    assert not stopper.hopeless(falling[:21])  # projected 9 windows further: about -16 eV/atom
+    assert stopper.projected_per_atom < -8.9
+    stalled = falling[:21] + [falling[20]] * 10  # the same cell stuck at -8.0 for a window: hopeless now
+    assert stopper.hopeless(stalled) and stopper.projected_per_atom == pytest.approx(-8.0)
 
 
 def test_hopeless_relaxation_is_stopped_early_with_its_projected_energy() -> None:
