@@ -221,7 +221,9 @@ class EarlyStopConfig(_Section):
     margin: PositiveFloat = Field(
         0.3, description="eV/atom: stop when the projected final enthalpy is this far above the current best"
     )
-    min_steps: PositiveInt = Field(20, description="optimiser steps before a relaxation may be stopped")
+    min_steps: PositiveInt = Field(
+        20, description="optimiser steps before a relaxation may be stopped (never fewer than 2 * window + 1)"
+    )
     window: PositiveInt = Field(10, description="steps per window of the energy-decay extrapolation")
     known_minima: bool = Field(
         False,
