@@ -98,11 +98,14 @@ def fit_sizes(settings: GPSettings, n: int) -> int:
     size = settings.min_points
     if n < size:
         return 0
-    while True:
-        following = max(size + settings.refit_every, int(np.ceil(size * (1 + settings.refit_growth))))
-        if following > n:
-            return size
+    while (following := next_fit_size(settings, size)) <= n:
         size = following
+    return size
+
+
+def next_fit_size(settings: GPSettings, size: int) -> int:
+    """The number of points the fit after one on ``size`` points is made at."""
+    return max(size + settings.refit_every, int(np.ceil(size * (1 + settings.refit_growth))))
 
 
 class GPSurrogate:
@@ -200,14 +203,10 @@ class GPSurrogate:
             )
             log.warning(
                 "GP hyperparameter fit on %d points failed (%s: %s); %s; next fit at %d points",
-                target, type(error).__name__, error, keeps, self._next_size(target),
+                target, type(error).__name__, error, keeps, next_fit_size(self.settings, target),
             )  # fmt: skip
             return
         self._install(fit)
-
-    def _next_size(self, size: int) -> int:
-        s = self.settings
-        return max(size + s.refit_every, int(np.ceil(size * (1 + s.refit_growth))))
 
     def _refit_in_background(self, target: int) -> None:
         """Install a finished background fit, or start one on the first ``target`` points."""
