@@ -46,9 +46,14 @@ MUTATIONS = ("lattice_strain", "permutation", "coordinate", "soft")
 
 
 def fast(examples: int) -> settings:
-    # database=None: no .hypothesis folder in the checkout; the seeds come from hypothesis anyway
+    # derandomize: the same examples on every run, so a failure reproduces and the suite cannot flake;
+    # database=None: no .hypothesis folder in the checkout
     return settings(
-        max_examples=examples, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
     )
 
 

@@ -525,9 +525,21 @@ def heredity(
     for _ in range(HEREDITY_ATTEMPTS):
         child = _splice(cell_a, cell_b, content, volume_per_atom, limits, rng)
         result = _finish(child, content, limits, repair=True, rng=rng)
-        if result is not None:
+        # Splicing a high-symmetry cell with itself (or with a copy) can give the parent back atom for atom:
+        # that is no offspring, and the slot is better spent on another try.
+        if result is not None and not any(_same_as_stored(result, p) for p in (parent_a, parent_b)):
             return result
     return None
+
+
+def _same_as_stored(first: Structure, second: Structure) -> bool:
+    """Same lattice, species order and coordinates (a copy, not merely the same crystal in another basis)."""
+    if len(first) != len(second) or first.species != second.species:
+        return False
+    if not np.allclose(first.lattice.matrix, second.lattice.matrix, atol=1e-8):
+        return False
+    diff = first.frac_coords - second.frac_coords
+    return bool(np.allclose(diff - np.round(diff), 0.0, atol=1e-8))
 
 
 # ----------------------------------------------------------------------------------------------------
