@@ -51,6 +51,15 @@ def test_bundled_suite_builds_the_known_prototypes() -> None:
     assert anatase.get_space_group_info(symprec=0.01)[1] == 141 and len(anatase) == 6
 
 
+@pytest.mark.parametrize(
+    ("supercell", "expected"), [(2, {"Na": 2, "Cl": 2}), ([2, 2, 1], {"Na": 4, "Cl": 4})]
+)
+def test_supercell_multiplies_the_searched_content(tmp_path: Path, supercell, expected) -> None:
+    entry = load_suite(_suite(tmp_path, entry_supercell=supercell)).entries[0]
+    assert entry.composition == expected
+    assert entry.structure.get_space_group_info(symprec=0.01)[1] == 225
+
+
 def _suite(tmp_path: Path, **changes) -> Path:
     data = {
         "name": "bad",

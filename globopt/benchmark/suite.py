@@ -46,6 +46,11 @@ class StructureSpec(_Strict):
     cell: Literal["primitive", "conventional"] = Field(
         "primitive", description="cell searched and matched: the primitive cell (default) or the conventional"
     )
+    supercell: PositiveInt | tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        1,
+        description="multiply the cell: n (n x 1 x 1) or [na, nb, nc]; the search looks for that many "
+        "copies of its content (a hit is still matched against the primitive reference)",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> StructureSpec:
@@ -190,6 +195,9 @@ def build_structure(spec: StructureSpec, folder: Path, where: str) -> Structure:
         raise ConfigError(f"{where}: cannot build the structure: {exc}") from exc
     if spec.cell == "primitive":
         structure = structure.get_primitive_structure()
+    if spec.supercell != 1:
+        scaling = (spec.supercell, 1, 1) if isinstance(spec.supercell, int) else spec.supercell
+        structure = structure.make_supercell(list(scaling), in_place=False)
     if not 1 <= len(structure) <= MAX_ATOMS:
         raise ConfigError(f"{where}: {len(structure)} atoms in the cell; 1..{MAX_ATOMS} allowed")
     return structure
