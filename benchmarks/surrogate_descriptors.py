@@ -59,7 +59,7 @@ def load_points(patterns: list[str]) -> dict[str, list[dict]]:
 
     Archives without a ``candidates`` table (the ase-ga baseline runs keep their own database) are skipped.
     """
-    from globopt.archive import structure_from_json
+    from globopt.structure_codec import structure_from_json
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for pattern in patterns:

@@ -195,7 +195,8 @@ def held_out_accuracy(run_dir: Path, start: int, descriptor: str = "rdf") -> dic
     """
     from sklearn.neighbors import KNeighborsRegressor
 
-    from globopt.archive import Archive, structure_from_json
+    from globopt.archive import Archive
+    from globopt.structure_codec import structure_from_json
     from surrogates.descriptors import make_descriptor
     from surrogates.gp import GPSettings, GPSurrogate
 

@@ -2,7 +2,7 @@
 
 The structures are generated once, on the first request, from the run seed, checked with the same
 validity test every GA operator's child must pass (content, lattice shape, volume window, closest
-distances: ``globopt.search.operators.validity_problem``), and kept as JSON in the search state. A resumed
+distances: ``globopt.search.cells.validity_problem``), and kept as JSON in the search state. A resumed
 search therefore replays exactly the same seeds without running the model again, and a seed the model
 could not make valid is replaced by the search's usual pyxtal structure.
 """
@@ -15,6 +15,7 @@ from typing import Any
 from pymatgen.core import Structure
 
 from globopt.geometry import GeometryLimits
+from globopt.structure_codec import structure_from_dict, structure_to_dict
 
 log = logging.getLogger("globopt.generators")
 OVERSAMPLE = 2  # structures drawn per wanted seed; the invalid ones are dropped
@@ -52,13 +53,13 @@ class GeneratorSeeds:
             return None
         content_index, structure = self.seeds[self.used]
         self.used += 1
-        return content_index, Structure.from_dict(structure), f"generator:{self.kind}"
+        return content_index, structure_from_dict(structure), f"generator:{self.kind}"
 
     def _generate(self) -> list[tuple[int, dict[str, Any]]]:
         from generators.checkpoint import CheckpointError
         from generators.sample import StructureGenerator
         from globopt.search.base import SearchExhausted
-        from globopt.search.operators import validity_problem
+        from globopt.search.cells import validity_problem
 
         try:
             generator = StructureGenerator(self.checkpoint)
@@ -79,7 +80,7 @@ class GeneratorSeeds:
                 key = problem.split(" ")[0]
                 problems[key] = problems.get(key, 0) + 1
             elif len(valid) < self.wanted:
-                valid.append((content_index, structure.as_dict()))
+                valid.append((content_index, structure_to_dict(structure)))
         log.info(
             "generator %s: %d of %d sampled structures passed the sanity checks (%d wanted)%s",
             self.checkpoint, len(structures) - sum(problems.values()), len(structures), self.wanted,

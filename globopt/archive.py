@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pymatgen.core import Structure
-
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
+from globopt.structure_codec import structure_from_json, structure_to_json
 
 SCHEMA_VERSION = 1
 
@@ -59,14 +58,6 @@ USED_POTENTIAL = tuple(s.value for s in Status if s.used_potential)
 
 class ArchiveError(RuntimeError):
     """The archive file is unreadable or from an incompatible version."""
-
-
-def structure_to_json(structure: Structure) -> str:
-    return json.dumps(structure.as_dict(), separators=(",", ":"))
-
-
-def structure_from_json(text: str) -> Structure:
-    return Structure.from_dict(json.loads(text))
 
 
 def damaged_message(path: Path, detail: str) -> str:

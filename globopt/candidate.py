@@ -46,7 +46,9 @@ class Screening:
     key: tuple[str, int] | None  # duplicates.bucket_key; None when the geometry failed
     reduced: Structure | None  # duplicates.reduced_for_matching; None when the geometry failed
     minima: Any = None  # duplicates.lattice_minima of ``reduced`` (a numpy array), or None
-    structure_json: str | None = None  # archive.structure_to_json of the structure, as the archive stores it
+    structure_json: str | None = (
+        None  # structure_codec.structure_to_json of the structure, as the archive stores it
+    )
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Evaluation:
     # computed on the worker so rank 0 does not; not stored
     relaxed_reduced: Structure | None = None
     relaxed_minima: Any = None  # duplicates.lattice_minima of relaxed_reduced (a numpy array), or None
-    relaxed_json: str | None = None  # archive.structure_to_json(relaxed), made on the worker
+    relaxed_json: str | None = None  # structure_codec.structure_to_json(relaxed), made on the worker
     generated: list[Any] = field(default_factory=list)  # built RelaxTask.generate recipes; not stored
     duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum
     supersedes: int | None = None  # set by the engine: the same minimum found before, at a higher energy

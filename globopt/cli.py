@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from globopt.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("globopt")
 
@@ -172,8 +172,8 @@ def _execute(run, config, verbose: bool) -> int:
     from globopt.engine import Engine
     from globopt.progress import Progress, configure_logging
     from globopt.search.base import SearchExhausted
-    from surrogates.calculators import PotentialUnavailableError
     from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
+    from surrogates.potentials import PotentialBuildError, PotentialUnavailableError
 
     interactive = sys.stderr.isatty()
     configure_logging(run.log_path, interactive, verbose)
@@ -189,6 +189,7 @@ def _execute(run, config, verbose: bool) -> int:
         ModelNotFoundError,
         ModelLoadError,
         PotentialUnavailableError,
+        PotentialBuildError,
         ArchiveError,
         SearchExhausted,
     ) as exc:
@@ -202,11 +203,6 @@ def _execute(run, config, verbose: bool) -> int:
             run.path, exc, run.path,
         )  # fmt: skip
         return EXIT_USAGE
-    except RuntimeError as exc:
-        if "cannot build the potential" in str(exc):
-            log.error("%s", exc)
-            return EXIT_USAGE
-        raise
     finally:
         run.release_lock()
     _log_summary(summary, run)
@@ -279,8 +275,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from globopt.benchmark.reference import ReferenceError
     from globopt.config import ConfigError
     from globopt.rundir import RunDirError
-    from surrogates.calculators import PotentialUnavailableError
     from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
+    from surrogates.potentials import PotentialUnavailableError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = BenchmarkOptions(

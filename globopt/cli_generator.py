@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from globopt.exit_codes import EXIT_OK, EXIT_USAGE
+
 log = logging.getLogger("globopt.generators")
 
 

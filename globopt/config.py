@@ -26,10 +26,9 @@ from pydantic_core import PydanticCustomError
 
 from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
 from globopt.htvs.settings import HtvsConfig, resolve_paths
+from globopt.search.operators import OPERATORS
 
 DEFAULT_MODEL = "M3GNet-MP-2021.2.8-PES"
-# Variation operators of the GA (implemented in globopt/search/operators.py).
-GA_OPERATORS = ("heredity", "lattice_strain", "permutation", "coordinate", "soft", "immigrant")
 
 
 class ConfigError(ValueError):
@@ -161,9 +160,9 @@ class GAConfig(_Section):
     @field_validator("operators")
     @classmethod
     def _known_operators(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(GA_OPERATORS))
+        unknown = sorted(set(value) - set(OPERATORS))
         if unknown:
-            raise ValueError(f"unknown operator(s) {', '.join(unknown)}; allowed: {', '.join(GA_OPERATORS)}")
+            raise ValueError(f"unknown operator(s) {', '.join(unknown)}; allowed: {', '.join(OPERATORS)}")
         if any(p < 0 for p in value.values()) or sum(value.values()) <= 0:
             raise ValueError("operator probabilities must be >= 0 with a positive sum")
         return value
@@ -212,7 +211,7 @@ class AnalysisConfig(_Section):
 
 
 class EarlyStopConfig(_Section):
-    """Stop relaxations clearly heading above the best enthalpy so far (surrogates/early_stop.py).
+    """Stop relaxations clearly heading above the best enthalpy so far (globopt/evaluator/early_stop.py).
 
     Part of the surrogate: active when both ``surrogate.enabled`` and ``early_stop.enabled`` are true.
     """
@@ -228,7 +227,7 @@ class EarlyStopConfig(_Section):
     known_minima: bool = Field(
         False,
         description="also stop a relaxation falling into one of the lowest known minima "
-        "(surrogates/known_minima.py): geometry matching it under duplicates.*, enthalpy within "
+        "(globopt/evaluator/known_minima.py): geometry matching it under duplicates.*, enthalpy within "
         "known_minima_window above it, forces below known_minima_max_force",
     )
     known_minima_count: PositiveInt = Field(10, description="lowest known minima each relaxation watches for")
@@ -350,7 +349,7 @@ class RunConfig(_Section):
             # A screen's natural budget is its whole enumeration; budget.evaluations caps it when given.
             self.budget = BudgetConfig(evaluations=HTVS_UNLIMITED_BUDGET)
         from globopt.htvs.enumeration import Enumeration
-        from surrogates.calculators import covered_elements
+        from surrogates.potentials import covered_elements
 
         try:
             Enumeration(self.htvs, covered_elements(self.potential.kind, self.potential.model))
@@ -402,7 +401,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _potential_covers_elements(self) -> RunConfig:
-        from surrogates.calculators import covered_elements
+        from surrogates.potentials import covered_elements
 
         covered = covered_elements(self.potential.kind, self.potential.model)
         if covered is not None and self.composition is not None:

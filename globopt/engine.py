@@ -22,22 +22,23 @@ from dataclasses import dataclass
 
 from pymatgen.core import Structure
 
-from globopt.archive import Archive, structure_from_json
+from globopt.archive import Archive
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.config import RunConfig
 from globopt.duplicates import DuplicateIndex, lattice_minima, reduced_for_matching
-from globopt.evaluation import EvaluatorSettings
+from globopt.evaluator.early_stop import EarlyStopSettings
+from globopt.evaluator.evaluate import EvaluatorSettings
+from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimum
+from globopt.evaluator.relax import RelaxSettings
 from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
 from globopt.objectives import objective_values
 from globopt.progress import Progress
 from globopt.rundir import RunDirectory
 from globopt.scheduler import make_scheduler
-from globopt.search import make_search
 from globopt.search.base import SearchAlgorithm, SearchExhausted
+from globopt.search.factory import make_search
+from globopt.structure_codec import structure_from_json
 from surrogates.acquisition import Prediction, SurrogateScreen
-from surrogates.early_stop import EarlyStopSettings
-from surrogates.known_minima import KnownMinimaSettings, KnownMinimum
-from surrogates.relax import RelaxSettings
 
 log = logging.getLogger("globopt")
 

@@ -15,7 +15,7 @@ from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from surrogates.relax import closest_pair_violation
+from globopt.evaluator.relax import closest_pair_violation
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def best_candidates_table(archive: Archive, n_best: int) -> list[str]:
     """
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from globopt.archive import structure_from_json
+    from globopt.structure_codec import structure_from_json
 
     rows = archive.best_unique(n_best)
     if not rows:

@@ -23,9 +23,10 @@ from typing import Any
 
 from pymatgen.io.cif import CifWriter
 
-from globopt.archive import Archive, structure_from_json
+from globopt.archive import Archive
 from globopt.config import ConfigError, RunConfig, load_config
 from globopt.objectives import objective_scores, pareto_front
+from globopt.structure_codec import structure_from_json
 
 RESULT_COLUMNS = [
     "id",

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures.process import BrokenProcessPool
 
 from globopt.candidate import Evaluation, RelaxTask, Status
-from globopt.evaluation import EvaluatorSettings, evaluate, prepare_worker
+from globopt.evaluator.evaluate import EvaluatorSettings, evaluate, prepare_worker
 
 
 class Scheduler(ABC):

@@ -135,7 +135,7 @@ class SurrogateScreen:
         ``initial_descriptor``: the descriptor of the row's initial structure when the caller has it
         already (computed for the ranking), so it is not computed twice.
         """
-        from globopt.archive import structure_from_json
+        from globopt.structure_codec import structure_from_json
 
         points = learned_points(row)
         for index, (structure_json, enthalpy) in enumerate(points):

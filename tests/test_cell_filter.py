@@ -19,7 +19,7 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from scipy.linalg import expm, expm_frechet, logm
 
-from surrogates.cell_filter import (
+from globopt.evaluator.cell_filter import (
     FastFrechetCellFilter,
     _decompose,
     expm_frechet_log_pullback,

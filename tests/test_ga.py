@@ -12,7 +12,7 @@ from helpers import committed, emt_config, globopt_process, read_results, sigkil
 from globopt.cli import main
 from globopt.config import parse_config
 from globopt.geometry import geometry_limits
-from globopt.search import make_search
+from globopt.search.factory import make_search
 
 GA = {"population_size": 6, "initial_random": 6}
 

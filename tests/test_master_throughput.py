@@ -13,7 +13,7 @@ import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
-from globopt.archive import Archive, structure_from_json
+from globopt.archive import Archive
 from globopt.candidate import Evaluation, Proposal, Status
 from globopt.cli import main
 from globopt.duplicates import (
@@ -26,6 +26,7 @@ from globopt.duplicates import (
 from globopt.geometry import geometry_limits, geometry_problem
 from globopt.search.random_search import RandomSymmetricSearch
 from globopt.search.random_stream import RandomStream, build_for_screening
+from globopt.structure_codec import structure_from_json
 from tests.helpers import emt_config
 
 CONTENT = {"Cu": 2, "Au": 2}

@@ -132,7 +132,7 @@ def test_relax_reports_every_step_and_can_be_cancelled() -> None:
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from surrogates.relax import RelaxSettings, relax
+    from globopt.evaluator.relax import RelaxSettings, relax
 
     atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
     atoms.rattle(0.05, seed=1)

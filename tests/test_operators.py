@@ -15,20 +15,18 @@ from hypothesis import strategies as st
 from pymatgen.core import Lattice, Structure
 
 from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
+from globopt.search.cells import lattice_problem, make_valid, validity_problem
 from globopt.search.operators import (
     OPERATORS,
     SOFT_REPAIR_SLACK,
     coordinate_mutation,
     heredity,
-    lattice_problem,
     lattice_strain,
-    make_valid,
     permutation,
     random_immigrant,
     soft_mutation,
-    validity_problem,
 )
-from globopt.search.random_search import compatible_spacegroups
+from globopt.search.pyxtal_sampling import compatible_spacegroups
 
 CONTENTS = {
     "Na4Cl4": {"Na": 4, "Cl": 4},

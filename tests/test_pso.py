@@ -16,17 +16,17 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from globopt.candidate import Evaluation, Proposal, Status
+from globopt.evaluator.relax import RelaxSettings, relax
 from globopt.geometry import GeometryLimits, geometry_limits, geometry_problem
 from globopt.search.base import SearchExhausted
-from globopt.search.pso import (
-    ParticleSwarmSearch,
+from globopt.search.pso import ParticleSwarmSearch
+from globopt.search.structure_difference import (
     apply_step,
     niggli_reduced,
     structure_distance,
     structure_step,
     symmetrized,
 )
-from surrogates.relax import RelaxSettings, relax
 
 CUAU = {"Cu": 2, "Au": 2}
 CUAU_LIMITS = geometry_limits(["Cu", "Au"], [1, 1], 0.6, (0.4, 8.0))

@@ -10,9 +10,9 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from globopt.candidate import RelaxTask, Status
-from globopt.evaluation import EvaluatorSettings, evaluate
+from globopt.evaluator.evaluate import EvaluatorSettings, evaluate
+from globopt.evaluator.relax import RelaxSettings, relax
 from globopt.geometry import geometry_limits, geometry_problem
-from surrogates.relax import RelaxSettings, relax
 
 LIMITS = geometry_limits(["Cu"], [4], 0.6, (0.4, 8.0))
 

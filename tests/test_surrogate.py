@@ -15,18 +15,18 @@ from helpers import emt_config, read_results
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from globopt.archive import structure_to_json
 from globopt.candidate import RelaxTask, Status
 from globopt.cli import main
 from globopt.config import ConfigError, PotentialConfig, parse_config
 from globopt.duplicates import reduced_for_matching
-from globopt.evaluation import EvaluatorSettings, evaluate
+from globopt.evaluator.early_stop import EarlyStopper, EarlyStopSettings, projected_final
+from globopt.evaluator.evaluate import EvaluatorSettings, evaluate
+from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimum
+from globopt.evaluator.relax import RelaxSettings
+from globopt.structure_codec import structure_to_json
 from surrogates.acquisition import expected_improvement, learned_points, lower_confidence_bound
 from surrogates.descriptors import DESCRIPTORS, M3GNET_ENERGY_WEIGHT, PairRDFDescriptor, make_descriptor
-from surrogates.early_stop import EarlyStopper, EarlyStopSettings, projected_final
 from surrogates.gp import GPSettings, GPSurrogate, fit_sizes
-from surrogates.known_minima import KnownMinimaSettings, KnownMinimum
-from surrogates.relax import RelaxSettings
 
 GA = {"population_size": 6, "initial_random": 6}
 SURROGATE = {"enabled": True, "min_points": 5, "candidates_per_slot": 3}
@@ -91,7 +91,7 @@ def test_descriptor_rejects_foreign_elements() -> None:
 
 # -- M3GNet descriptors (real model from ../shared/models) ------------------------------------------------
 def test_m3gnet_descriptor_is_invariant_and_carries_the_single_point_energy(models_dir: Path) -> None:
-    from globopt.archive import structure_from_json, structure_to_json
+    from globopt.structure_codec import structure_from_json, structure_to_json
     from surrogates.m3gnet import make_calculator
 
     describe = make_descriptor("m3gnet", ["O", "Ti"])

@@ -3,9 +3,9 @@
 It follows the ase-ga bulk-GA recipe (random start population from StartGenerator; cut-and-splice pairing,
 soft mutation, strain and permutation mutations; OFP-fingerprint comparator; Population with extinction)
 and differs from it only where fairness needs it: every relaxation uses the *same* calculator
-(``surrogates.calculators.build_calculator``), the same ``surrogates.relax.relax`` with the same fmax, step
-limit and geometry guards as the globopt searches, and every relaxation (start population included) counts
-against the same evaluation budget. Install with ``pip install -e ".[baselines]"``.
+(``surrogates.potentials.build_calculator``), the same ``globopt.evaluator.relax.relax`` with the same
+fmax, step limit and geometry guards as the globopt searches, and every relaxation (start population
+included) counts against the same evaluation budget. Install with ``pip install -e ".[baselines]"``.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
     from ase_ga.utilities import CellBounds, closest_distances_generator
 
     from globopt.config import parse_config
+    from globopt.evaluator.relax import RelaxSettings, relax
     from globopt.geometry import geometry_limits
-    from surrogates.calculators import build_calculator
-    from surrogates.relax import RelaxSettings, relax
+    from surrogates.potentials import build_calculator
 
     # the run config of the globopt GA for the same job: relaxation, checks and population settings
     config = parse_config({**globopt_config(job), "mode": "ga"}, source=f"benchmark search {job.label}")

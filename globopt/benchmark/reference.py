@@ -15,7 +15,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from globopt.benchmark.suite import Entry
-from globopt.evaluation import spacegroup_of
+from globopt.evaluator.evaluate import spacegroup_of
 
 
 class ReferenceError(RuntimeError):
@@ -65,8 +65,8 @@ def relax_known(
     structure: Structure, label: str, potential: dict[str, Any], fmax: float, max_steps: int
 ) -> RelaxedReference:
     """Relax positions and cell tightly (fmax well below the search's) so the reference is a true minimum."""
-    from surrogates.calculators import build_calculator
-    from surrogates.relax import RelaxSettings, relax
+    from globopt.evaluator.relax import RelaxSettings, relax
+    from surrogates.potentials import build_calculator
 
     calculator = build_calculator(**potential)
     outcome = relax(

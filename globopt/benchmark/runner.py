@@ -107,12 +107,12 @@ def globopt_config(job: SearchJob) -> dict[str, Any]:
 
 def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float | None]:
     """Run (or resume, or reuse) the search's run directory, then read its evaluations back."""
-    from globopt.archive import structure_from_json
     from globopt.candidate import Status
     from globopt.config import parse_config
     from globopt.engine import Engine
     from globopt.progress import Progress
     from globopt.rundir import RunDirectory
+    from globopt.structure_codec import structure_from_json
 
     path = Path(job.run_dir)
     run = RunDirectory(path)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from pymatgen.io.cif import CifWriter
 
-from globopt.archive import Archive, structure_from_json
+from globopt.archive import Archive
 from globopt.htvs.hull import ScreenedCandidate, StabilityAnalysis
+from globopt.structure_codec import structure_from_json
 
 log = logging.getLogger("globopt")
 

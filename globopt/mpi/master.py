@@ -45,7 +45,7 @@ def master_active() -> bool:
 
 def _run_master(comm: Any, entry: Callable[[], int]) -> int:
     global _MASTER
-    from globopt.cli import EXIT_ERROR, EXIT_INTERRUPTED
+    from globopt.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED
 
     # The master never relaxes: one thread for anything torch it may load (OMP is read at torch import).
     os.environ["OMP_NUM_THREADS"] = "1"

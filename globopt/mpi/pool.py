@@ -39,7 +39,7 @@ from globopt.mpi.protocol import (
 
 if TYPE_CHECKING:
     from globopt.candidate import Evaluation, RelaxTask
-    from globopt.evaluation import EvaluatorSettings
+    from globopt.evaluator.evaluate import EvaluatorSettings
 
 log = logging.getLogger("globopt")
 

@@ -36,7 +36,7 @@ from globopt.mpi.protocol import (
 
 if TYPE_CHECKING:
     from globopt.candidate import RelaxTask
-    from globopt.evaluation import EvaluatorSettings
+    from globopt.evaluator.evaluate import EvaluatorSettings
 
 
 class _StopRequested(BaseException):
@@ -53,7 +53,7 @@ class _Worker:
     def __init__(self, comm: Any, threads: int) -> None:
         from mpi4py import MPI
 
-        from globopt.evaluation import worker_label
+        from globopt.evaluator.evaluate import worker_label
 
         self.MPI = MPI
         self.comm = comm
@@ -131,7 +131,7 @@ class _Worker:
             backoff.sleep()
 
     def _configure(self, settings: EvaluatorSettings, interval: float) -> None:
-        from globopt.evaluation import prepare_worker
+        from globopt.evaluator.evaluate import prepare_worker
 
         self.settings, self.interval = settings, interval
         # torch reads OMP_NUM_THREADS when it is imported; potentials that never import torch (EMT) skip
@@ -149,7 +149,7 @@ class _Worker:
         self._send(Tag.READY, ready)
 
     def _evaluate(self, task: RelaxTask) -> None:
-        from globopt.evaluation import evaluate
+        from globopt.evaluator.evaluate import evaluate
 
         if self.settings is None:
             self._report(RuntimeError("MPI worker received a task before its settings"), task.candidate_id)

@@ -29,9 +29,10 @@ from generators.seeding import seeds_from_config
 from globopt.candidate import Evaluation, Proposal, Status
 from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
-from globopt.search import operators
 from globopt.search.base import SearchAlgorithm
+from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
 from globopt.search.random_stream import RandomStream
+from globopt.structure_codec import structure_from_dict, structure_to_dict
 
 # Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
 MAX_OPERATOR_TRIES = 12
@@ -53,7 +54,7 @@ class Member:
 
     def as_state(self) -> dict[str, Any]:
         if self.structure_dict is None:
-            self.structure_dict = self.structure.as_dict()
+            self.structure_dict = structure_to_dict(self.structure)
         return {
             "id": self.candidate_id,
             "structure": self.structure_dict,
@@ -95,7 +96,7 @@ class GeneticSearch(SearchAlgorithm):
         # random structures (first generation, immigrants) are numbered so workers can build them ahead
         self.random_stream = RandomStream(
             "ga-random", seed, self.contents, self.spacegroups, self.volume_factor,
-            attempts=MAX_OPERATOR_TRIES * operators.IMMIGRANT_ATTEMPTS, limits=limits, check_limits=True,
+            attempts=MAX_OPERATOR_TRIES * IMMIGRANT_ATTEMPTS, limits=limits, check_limits=True,
         )  # fmt: skip
         self.initial_proposed = 0
         self.told = 0
@@ -126,33 +127,15 @@ class GeneticSearch(SearchAlgorithm):
         return self._immigrant("immigrant")
 
     def _apply(self, name: str) -> tuple[Structure, tuple[int, ...]] | None:
-        ga = self.ga
-        if name == "immigrant":
+        operator = VARIATION_OPERATORS[name]
+        if operator.make is None:  # a fresh structure from the numbered random stream
             return None if (made := self._random_structure()) is None else (made[0], ())
-        if name == "heredity":
-            first, second = self._select(2)
-            if first.candidate_id == second.candidate_id:
-                return None
-            content = dict(first.structure.composition.get_el_amt_dict())
-            content = {el: round(n) for el, n in content.items()}
-            child = operators.heredity(first.structure, second.structure, content, self.limits, self.rng)
-            return None if child is None else (child, (first.candidate_id, second.candidate_id))
-        (parent,) = self._select(1)
-        if name == "lattice_strain":
-            child = operators.lattice_strain(parent.structure, self.limits, self.rng, sigma=ga.strain_sigma)
-        elif name == "permutation":
-            child = operators.permutation(parent.structure, self.limits, self.rng)
-        elif name == "coordinate":
-            child = operators.coordinate_mutation(
-                parent.structure, self.limits, self.rng, sigma=ga.coordinate_sigma
-            )
-        elif name == "soft":
-            child = operators.soft_mutation(
-                parent.structure, self.limits, self.rng, amplitude=ga.soft_amplitude
-            )
-        else:
-            raise ValueError(f"unknown operator {name!r}")
-        return None if child is None else (child, (parent.candidate_id,))
+        parents = self._select(operator.n_parents)
+        if len({p.candidate_id for p in parents}) < len(parents):
+            return None  # a crossover of a member with itself
+        content = {el: round(n) for el, n in parents[0].structure.composition.get_el_amt_dict().items()}
+        child = operator.make(tuple(p.structure for p in parents), content, self.limits, self.rng, self.ga)
+        return None if child is None else (child, tuple(p.candidate_id for p in parents))
 
     def _immigrant(self, label: str) -> Proposal:
         made = self.random_stream.next()
@@ -281,7 +264,7 @@ class GeneticSearch(SearchAlgorithm):
         self._py_random_state = (version, tuple(internal), gauss)
         self.population = []
         for entry in state["population"]:
-            structure = Structure.from_dict(entry["structure"])
+            structure = structure_from_dict(entry["structure"])
             member = Member(
                 entry["id"], structure, tuple(entry["scores"]), entry["sg"], structure_dict=entry["structure"]
             )

@@ -15,37 +15,33 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from ase.data import atomic_numbers, covalent_radii
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 
-from globopt.geometry import GeometryLimits, geometry_problem
-from globopt.search.random_search import compatible_spacegroups, random_symmetric_structure
-
-OPERATORS = ("heredity", "lattice_strain", "permutation", "coordinate", "soft", "immigrant")
+from globopt.geometry import GeometryLimits
+from globopt.search.cells import (
+    PUSH_TARGET,
+    FlatCellError,
+    WorkingCell,
+    atomic_numbers_of,
+    cell_of,
+    cell_pairs,
+    finish,
+    finish_random,
+    nearest_distances,
+    reduced_basis,
+)
 
 # Internal retries before an operator gives up: a failed try costs about a millisecond (numpy checks,
 # no ASE round trip), so several are cheap, but the caller has other operators to fall back on.
 ATTEMPTS = 6
 HEREDITY_ATTEMPTS = 5
 IMMIGRANT_ATTEMPTS = 10
-# The engine's lattice rule. A Niggli cell's angles always lie within about 60..120 degrees, so in practice
-# degenerate cells are caught by a failed reduction or a too-short vector; the angle test keeps the rule
-# explicit in case the reduction ever returns something else.
-MIN_ANGLE, MAX_ANGLE = 20.0, 160.0
-# Repair pushes overlapping pairs a little beyond their limit, so rounding in a later distance check
-# (ASE's neighbour list) cannot flip the verdict.
-PUSH_TARGET = 1.05
-PUSH_ROUNDS = 25
-PUSH_JITTER = 0.05  # Å
-# The numpy pre-check keeps this much margin so it never passes a pair that geometry_problem rejects.
-CHECK_MARGIN = 1.0 + 1e-6
-# Beyond this many periodic images the basis is too skewed to search directly; reduce it first. A
-# reduced cell that still needs more is a slab, not a crystal, and no operator works on it.
-MAX_IMAGES = 729
-MAX_IMAGES_REDUCED = 1331
 # Soft mutation: bonds within BOND_FACTOR x covalent sum, stiffness exp(-SPRING_DECAY (d/d0 - 1)).
 BOND_FACTOR = 1.3
 SPRING_DECAY = 3.0
@@ -64,256 +60,15 @@ STRAIN_SHRINK = 0.5
 PLANE_WEIGHT = 0.5
 EMPTY_SPOT_TRIALS = 24
 
-
-class _FlatCell(ValueError):
-    """A cell so thin that listing its periodic images would cost more than the operator is worth."""
-
-
-@dataclass(frozen=True)
-class _Cell:
-    """A working copy of a structure: cheap to modify, converted to pymatgen only at the end."""
-
-    lattice: np.ndarray  # (3, 3), rows are the lattice vectors, Å
-    frac: np.ndarray  # (N, 3) fractional coordinates
-    symbols: np.ndarray  # (N,) element symbols
-
-    @property
-    def cart(self) -> np.ndarray:
-        return self.frac @ self.lattice
-
-    def with_cart(self, cart: np.ndarray) -> _Cell:
-        return replace(self, frac=(cart @ np.linalg.inv(self.lattice)) % 1.0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# conversions and checks
-
-
-def _cell_of(structure: Structure) -> _Cell:
-    symbols = np.array([site.specie.symbol for site in structure])
-    return _Cell(structure.lattice.matrix.copy(), structure.frac_coords % 1.0, symbols)
-
-
-def _structure_of(cell: _Cell) -> Structure:
-    return Structure(Lattice(cell.lattice), list(cell.symbols), cell.frac % 1.0)
-
-
-def _numbers(symbols: np.ndarray) -> np.ndarray:
-    return np.array([atomic_numbers[s] for s in symbols], dtype=int)
-
-
-def _same_content(symbols: np.ndarray, content: dict[str, int]) -> bool:
-    wanted = {el: n for el, n in content.items() if n}
-    return dict(Counter(str(s) for s in symbols)) == wanted
-
-
-def _smallest_limit(limits: GeometryLimits) -> float:
-    positive = limits.min_distance[limits.min_distance > 0]
-    return float(positive.min()) if positive.size else 0.0
-
-
-def lattice_problem(matrix: np.ndarray, limits: GeometryLimits) -> str:
-    """Why a lattice is unusable, or ''; judged on the Niggli cell so the basis choice cannot matter."""
-    matrix = np.asarray(matrix, dtype=float)
-    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
-        return "degenerate lattice"
-    try:
-        reduced = Lattice(matrix).get_niggli_reduced_lattice()
-    except Exception as exc:  # pymatgen raises several kinds on near-degenerate cells
-        return f"Niggli reduction failed ({type(exc).__name__})"
-    angles = np.array(reduced.angles)
-    if np.any(angles < MIN_ANGLE) or np.any(angles > MAX_ANGLE):
-        return f"reduced cell angles {np.round(angles, 1).tolist()} outside [{MIN_ANGLE}, {MAX_ANGLE}]"
-    shortest = min(reduced.abc)
-    if shortest < _smallest_limit(limits):
-        return f"lattice vector of {shortest:.2f} Å is shorter than any allowed pair distance"
-    return ""
-
-
-def validity_problem(structure: Structure, content: dict[str, int], limits: GeometryLimits) -> str:
-    """Why a child is not acceptable to the engine, or '' when it is (the contract every operator keeps)."""
-    if not structure.is_ordered:
-        return "structure is disordered"
-    symbols = np.array([site.specie.symbol for site in structure])
-    if not _same_content(symbols, content):
-        return f"content {dict(Counter(symbols.tolist()))} differs from {content}"
-    problem = lattice_problem(structure.lattice.matrix, limits)
-    return problem or geometry_problem(structure, limits)
-
-
-# ----------------------------------------------------------------------------------------------------
-# periodic geometry in numpy
-
-
-def _image_shifts(lattice: np.ndarray, cutoff: float) -> np.ndarray:
-    """Integer cell shifts that can hold a neighbour within ``cutoff`` of a minimum-image difference."""
-    widths_inverse = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / plane spacing per axis
-    reach = np.ceil(cutoff * widths_inverse + 0.5).astype(int)
-    axes = [np.arange(-r, r + 1) for r in reach]
-    return np.array(list(itertools.product(*axes)), dtype=float)
-
-
-def _reduced_basis(lattice: np.ndarray, frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    reduced = Lattice(lattice).get_niggli_reduced_lattice().matrix
-    return reduced, (frac @ lattice @ np.linalg.inv(reduced)) % 1.0
-
-
-def _pairs(
-    lattice: np.ndarray, frac: np.ndarray, cutoff: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All ordered pairs (i, j, image) closer than cutoff: i, j, vector i->j (Å), distance.
-
-    Each unordered pair appears twice (once from each end), periodic self-images included. Exact for
-    any cell, which matters for small cells where one pair has several images within the cutoff.
-    """
-    shifts = _image_shifts(lattice, cutoff)
-    if len(shifts) > MAX_IMAGES:
-        lattice, frac = _reduced_basis(lattice, frac)
-        shifts = _image_shifts(lattice, cutoff)
-        if len(shifts) > MAX_IMAGES_REDUCED:
-            raise _FlatCell(f"{len(shifts)} periodic images within {cutoff:.2f} Å")
-    diff = frac[None, :, :] - frac[:, None, :]
-    diff -= np.round(diff)
-    vectors = (diff[:, :, None, :] + shifts[None, None, :, :]) @ lattice
-    distances = np.linalg.norm(vectors, axis=-1)
-    mask = distances < cutoff
-    n = len(frac)
-    zero = int(np.flatnonzero(np.all(shifts == 0, axis=1))[0])
-    mask[np.arange(n), np.arange(n), zero] = False
-    i, j, m = np.nonzero(mask)
-    return i, j, vectors[i, j, m], distances[i, j, m]
-
-
-def _nearest_distances(lattice: np.ndarray, points: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """Point-to-atom distances (P, N) over the 27 nearest images: a heuristic for crowding only."""
-    diff = frac[None, :, :] - points[:, None, :]
-    diff -= np.round(diff)
-    shifts = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=3)))
-    vectors = (diff[:, :, None, :] + shifts[None, None, :, :]) @ lattice
-    return np.linalg.norm(vectors, axis=-1).min(axis=2)
-
-
-def _limit_pairs(cell: _Cell, limits: GeometryLimits, factor: float) -> tuple[np.ndarray, ...]:
-    """Pairs closer than ``factor`` times their allowed distance: i, j, vector, distance, allowed."""
-    numbers = _numbers(cell.symbols)
-    allowed_matrix = limits.min_distance[np.ix_(numbers, numbers)]
-    cutoff = float(allowed_matrix.max()) * factor
-    if cutoff <= 0:
-        empty = np.zeros(0, dtype=int)
-        return empty, empty, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    i, j, vectors, distances = _pairs(cell.lattice, cell.frac, cutoff)
-    allowed = allowed_matrix[i, j]
-    close = distances < allowed * factor
-    return i[close], j[close], vectors[close], distances[close], allowed[close]
-
-
-def _volume_ok(cell: _Cell, limits: GeometryLimits) -> bool:
-    low, high = limits.volume_per_atom_range
-    return low <= abs(np.linalg.det(cell.lattice)) / len(cell.frac) <= high
-
-
-def _quick_valid(cell: _Cell, limits: GeometryLimits) -> bool:
-    """The numpy twin of geometry_problem, so failed tries never pay for the ASE round trip."""
-    if not _volume_ok(cell, limits):
-        return False
-    try:
-        return len(_limit_pairs(cell, limits, CHECK_MARGIN)[0]) == 0
-    except _FlatCell:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------
-# repair
-
-
-def _clip_volume(cell: _Cell, limits: GeometryLimits) -> _Cell:
-    """Scale the cell into the volume window (with a little room) keeping fractional coordinates."""
-    low, high = limits.volume_per_atom_range
-    per_atom = abs(np.linalg.det(cell.lattice)) / len(cell.frac)
-    target = min(max(per_atom, low * 1.02), high * 0.98)
-    if target == per_atom:
-        return cell
-    return replace(cell, lattice=cell.lattice * (target / per_atom) ** (1.0 / 3.0))
-
-
-def _push_apart(cell: _Cell, limits: GeometryLimits, rng: np.random.Generator | None) -> _Cell | None:
-    """Separate overlapping pairs along their bond, a few rounds, because small overlaps at a seam or
-    after a random move are common and cheap to fix; gives up when an atom overlaps its own image
-    (only a bigger cell would help) or the overlaps do not clear. With a generator, overlapping atoms
-    also get a small random jitter: an atom squeezed symmetrically between two others (common in
-    high-symmetry parents) feels no net push along the bonds and needs a sideways nudge."""
-    for _ in range(PUSH_ROUNDS):
-        try:
-            i, j, vectors, distances, allowed = _limit_pairs(cell, limits, CHECK_MARGIN)
-        except _FlatCell:
-            return None
-        if len(i) == 0:
-            return cell
-        if np.any(i == j):
-            return None
-        safe = np.maximum(distances, 1e-9)[:, None]
-        units = np.where(distances[:, None] > 1e-9, vectors / safe, np.array([1.0, 0.0, 0.0]))
-        push = (allowed * PUSH_TARGET - distances)[:, None] * 0.5
-        moves = np.zeros_like(cell.frac)
-        np.add.at(moves, i, -push * units)
-        if rng is not None:
-            crowded = np.zeros(len(moves), dtype=bool)
-            crowded[i] = True
-            moves += rng.normal(0.0, PUSH_JITTER, moves.shape) * crowded[:, None]
-        cell = cell.with_cart(cell.cart + moves)
-    return cell if _quick_valid(cell, limits) else None
-
-
-def _finish(
-    cell: _Cell,
-    content: dict[str, int],
-    limits: GeometryLimits,
-    repair: bool,
-    rng: np.random.Generator | None = None,
-) -> Structure | None:
-    """Turn a working cell into a checked Structure, optionally repairing volume and overlaps first.
-
-    Without repair the numpy distance check runs before the Niggli-based lattice check, because most
-    failed tries fail on distances and it is the cheaper of the two; repair needs a sane lattice first.
-    """
-    if not _same_content(cell.symbols, content) or _numbers(cell.symbols).max() >= len(limits.min_distance):
-        return None
-    if repair:
-        if lattice_problem(cell.lattice, limits):
-            return None
-        repaired = _push_apart(_clip_volume(cell, limits), limits, rng)
-        if repaired is None:
-            return None
-        cell = repaired
-    elif not _quick_valid(cell, limits) or lattice_problem(cell.lattice, limits):
-        return None
-    structure = _structure_of(cell)
-    if geometry_problem(structure, limits):
-        return None
-    return structure
-
-
-def make_valid(
-    structure: Structure,
-    content: dict[str, int],
-    limits: GeometryLimits,
-    rng: np.random.Generator | None = None,
-) -> Structure | None:
-    """Nudge a nearly valid structure (volume just outside the window, a few overlapping pairs) into a
-    valid one; None when that is not enough. Never returns an invalid structure. Deterministic without
-    a generator; with one it can also unjam symmetric overlaps."""
-    return _finish(_cell_of(structure), content, limits, repair=True, rng=rng)
-
-
 # ----------------------------------------------------------------------------------------------------
 # heredity
 
 
-def _reduced(structure: Structure) -> _Cell:
+def _reduced(structure: Structure) -> WorkingCell:
     """The Niggli cell, so two parents' lattices are expressed in comparable bases before blending."""
-    cell = _cell_of(structure)
-    lattice, frac = _reduced_basis(cell.lattice, cell.frac)
-    return _Cell(lattice, frac, cell.symbols)
+    cell = cell_of(structure)
+    lattice, frac = reduced_basis(cell.lattice, cell.frac)
+    return WorkingCell(lattice, frac, cell.symbols)
 
 
 def _cell_factors(lengths: np.ndarray, ratio: float) -> np.ndarray:
@@ -334,7 +89,7 @@ def _cell_factors(lengths: np.ndarray, ratio: float) -> np.ndarray:
     return factors
 
 
-def _stretch_axis(cell: _Cell, axis: int, factor: float, origin: float) -> _Cell:
+def _stretch_axis(cell: WorkingCell, axis: int, factor: float, origin: float) -> WorkingCell:
     """Cut the region [origin, origin + factor) along one axis out of the infinite crystal and make it
     the new unit along that axis (a supercell for factor 2, half a cell for 0.5)."""
     start = (cell.frac[:, axis] - origin) % 1.0
@@ -348,10 +103,10 @@ def _stretch_axis(cell: _Cell, axis: int, factor: float, origin: float) -> _Cell
         symbols.append(cell.symbols[keep])
     lattice = cell.lattice.copy()
     lattice[axis] *= factor
-    return _Cell(lattice, np.concatenate(fracs), np.concatenate(symbols))
+    return WorkingCell(lattice, np.concatenate(fracs), np.concatenate(symbols))
 
 
-def _resized(cell: _Cell, n_target: int, rng: np.random.Generator) -> _Cell:
+def _resized(cell: WorkingCell, n_target: int, rng: np.random.Generator) -> WorkingCell:
     """A piece of the parent crystal holding about n_target atoms, so parents of a different size than
     the child contribute slabs at the right density instead of being squeezed or diluted."""
     factors = _cell_factors(np.linalg.norm(cell.lattice, axis=1), n_target / len(cell.frac))
@@ -367,7 +122,7 @@ def _shape(lattice: np.ndarray) -> np.ndarray:
     return metric / abs(np.linalg.det(lattice)) ** (2.0 / 3.0)
 
 
-def _aligned(cell: _Cell, reference: np.ndarray) -> _Cell:
+def _aligned(cell: WorkingCell, reference: np.ndarray) -> WorkingCell:
     """Relabel and flip the axes of ``cell`` (same crystal, other basis) to look most like the reference,
     so that averaging lattices blends like with like."""
     target = _shape(reference)
@@ -379,7 +134,7 @@ def _aligned(cell: _Cell, reference: np.ndarray) -> _Cell:
             cost = float(np.linalg.norm(_shape(lattice) - target))
             if cost < best_cost - 1e-12:
                 frac = (cell.frac[:, list(order)] * flip) % 1.0
-                best, best_cost = _Cell(lattice, frac, cell.symbols), cost
+                best, best_cost = WorkingCell(lattice, frac, cell.symbols), cost
     return best
 
 
@@ -400,7 +155,7 @@ class _Cut:
     def in_first(self, frac: np.ndarray) -> np.ndarray:
         return ((frac[:, self.axis] - self.start) % 1.0) < self.fraction
 
-    def plane_distance(self, cell: _Cell) -> np.ndarray:
+    def plane_distance(self, cell: WorkingCell) -> np.ndarray:
         """Distance (Å) of every atom to the nearer of the two cut planes."""
         spacing = 1.0 / np.linalg.norm(np.linalg.inv(cell.lattice)[:, self.axis])
         along = cell.frac[:, self.axis]
@@ -411,36 +166,36 @@ class _Cut:
 
 
 def _natural_spacing(symbols_a: np.ndarray, symbols_b: np.ndarray) -> np.ndarray:
-    radii_a = covalent_radii[_numbers(symbols_a)]
-    radii_b = covalent_radii[_numbers(symbols_b)]
+    radii_a = covalent_radii[atomic_numbers_of(symbols_a)]
+    radii_b = covalent_radii[atomic_numbers_of(symbols_b)]
     return radii_a[:, None] + radii_b[None, :]
 
 
-def _remove_one(cell: _Cell, element: str, cut: _Cut) -> _Cell:
+def _remove_one(cell: WorkingCell, element: str, cut: _Cut) -> WorkingCell:
     """Drop the atom of ``element`` that sits worst: most squeezed against its neighbours, with a bonus
     near the cut planes where the two parents' halves meet."""
     candidates = np.flatnonzero(cell.symbols == element)
-    distances = _nearest_distances(cell.lattice, cell.frac[candidates], cell.frac)
+    distances = nearest_distances(cell.lattice, cell.frac[candidates], cell.frac)
     distances[np.arange(len(candidates)), candidates] = np.inf
     squeeze = (_natural_spacing(cell.symbols[candidates], cell.symbols) / distances).max(axis=1)
     score = squeeze + PLANE_WEIGHT * np.exp(-cut.plane_distance(cell)[candidates])
     drop = candidates[int(np.argmax(score))]
     keep = np.arange(len(cell.frac)) != drop
-    return _Cell(cell.lattice, cell.frac[keep], cell.symbols[keep])
+    return WorkingCell(cell.lattice, cell.frac[keep], cell.symbols[keep])
 
 
 def _add_one(
-    cell: _Cell, element: str, spares: np.ndarray, limits: GeometryLimits, rng: np.random.Generator
-) -> tuple[_Cell, np.ndarray]:
+    cell: WorkingCell, element: str, spares: np.ndarray, limits: GeometryLimits, rng: np.random.Generator
+) -> tuple[WorkingCell, np.ndarray]:
     """Add an atom of ``element``: at the roomiest unused parent position of that element if it fits,
     otherwise at the roomiest of those and a few random spots. Returns the cell and remaining spares."""
     randoms = rng.random((EMPTY_SPOT_TRIALS, 3))
     points = np.concatenate([spares, randoms]) if len(spares) else randoms
     if len(cell.frac):
-        distances = _nearest_distances(cell.lattice, points, cell.frac)
+        distances = nearest_distances(cell.lattice, points, cell.frac)
         spacing = _natural_spacing(np.array([element]), cell.symbols)[0]
         room = (distances / spacing[None, :]).min(axis=1)
-        allowed = limits.min_distance[atomic_numbers[element], _numbers(cell.symbols)]
+        allowed = limits.min_distance[atomic_numbers[element], atomic_numbers_of(cell.symbols)]
         fits = np.all(distances >= allowed[None, :] * PUSH_TARGET, axis=1)
     else:
         room = np.ones(len(points))
@@ -453,17 +208,17 @@ def _add_one(
         pick = int(np.argmax(room))
     remaining = np.delete(spares, pick, axis=0) if pick < n_spare else spares
     frac = np.concatenate([cell.frac, points[pick][None, :]])
-    return _Cell(cell.lattice, frac, np.append(cell.symbols, element)), remaining
+    return WorkingCell(cell.lattice, frac, np.append(cell.symbols, element)), remaining
 
 
 def _fix_content(
-    cell: _Cell,
-    spares: _Cell,
+    cell: WorkingCell,
+    spares: WorkingCell,
     content: dict[str, int],
     cut: _Cut,
     limits: GeometryLimits,
     rng: np.random.Generator,
-) -> _Cell:
+) -> WorkingCell:
     """Bring the spliced cell to the required content: surplus out first, then the deficit in, so the
     additions see the final neighbourhood."""
     have = Counter(str(s) for s in cell.symbols)
@@ -476,17 +231,17 @@ def _fix_content(
             cell, pool = _add_one(cell, element, pool, limits, rng)
     order = {el: k for k, el in enumerate(content)}
     rank = np.argsort([order[str(s)] for s in cell.symbols], kind="stable")
-    return _Cell(cell.lattice, cell.frac[rank], cell.symbols[rank])
+    return WorkingCell(cell.lattice, cell.frac[rank], cell.symbols[rank])
 
 
 def _splice(
-    parent_a: _Cell,
-    parent_b: _Cell,
+    parent_a: WorkingCell,
+    parent_b: WorkingCell,
     content: dict[str, int],
     volume_per_atom: float,
     limits: GeometryLimits,
     rng: np.random.Generator,
-) -> _Cell:
+) -> WorkingCell:
     """One cut-and-splice child: a slab of A, the complementary slab of randomly shifted B."""
     n_atoms = sum(content.values())
     piece_a = _resized(parent_a, n_atoms, rng)
@@ -496,12 +251,12 @@ def _splice(
     frac_b = (piece_b.frac + rng.random(3)) % 1.0
     from_a = cut.in_first(piece_a.frac)
     from_b = ~cut.in_first(frac_b)
-    child = _Cell(
+    child = WorkingCell(
         lattice,
         np.concatenate([piece_a.frac[from_a], frac_b[from_b]]),
         np.concatenate([piece_a.symbols[from_a], piece_b.symbols[from_b]]),
     )
-    spares = _Cell(
+    spares = WorkingCell(
         lattice,
         np.concatenate([piece_a.frac[~from_a], frac_b[~from_b]]),
         np.concatenate([piece_a.symbols[~from_a], piece_b.symbols[~from_b]]),
@@ -524,7 +279,7 @@ def heredity(
     volume_per_atom = min(max(volume_per_atom, low * 1.02), high * 0.98)
     for _ in range(HEREDITY_ATTEMPTS):
         child = _splice(cell_a, cell_b, content, volume_per_atom, limits, rng)
-        result = _finish(child, content, limits, repair=True, rng=rng)
+        result = finish(child, content, limits, repair=True, rng=rng)
         # Splicing a high-symmetry cell with itself (or with a copy) can give the parent back atom for atom:
         # that is no offspring, and the slot is better spent on another try.
         if result is not None and not any(_same_as_stored(result, p) for p in (parent_a, parent_b)):
@@ -562,7 +317,7 @@ def lattice_strain(
     """Deform the cell at constant volume and fractional coordinates: explores cell shapes that local
     relaxation reaches only slowly (shear), without touching the atomic arrangement. Retries use smaller
     strains, because a parent with a pair just above its limit survives only gentle deformations."""
-    cell = _cell_of(parent)
+    cell = cell_of(parent)
     content = _parent_content(parent)
     volume = abs(np.linalg.det(cell.lattice))
     for attempt in range(ATTEMPTS):
@@ -571,7 +326,7 @@ def lattice_strain(
             continue
         lattice = cell.lattice @ deformation
         lattice *= (volume / abs(np.linalg.det(lattice))) ** (1.0 / 3.0)
-        result = _finish(replace(cell, lattice=lattice), content, limits, repair=False)
+        result = finish(replace(cell, lattice=lattice), content, limits, repair=False)
         if result is not None:
             return result
     return None
@@ -592,7 +347,7 @@ def permutation(
 ) -> Structure | None:
     """Exchange unlike atoms: finds better orderings of a good framework, which heredity and
     coordinate moves rarely do because they would have to pass through high-energy overlaps."""
-    cell = _cell_of(parent)
+    cell = cell_of(parent)
     if len(set(cell.symbols.tolist())) < 2:
         return None
     content = _parent_content(parent)
@@ -600,7 +355,7 @@ def permutation(
         symbols = _swapped(cell.symbols, int(rng.integers(1, max(max_swaps, 1) + 1)), rng)
         if np.array_equal(symbols, cell.symbols):
             continue
-        result = _finish(replace(cell, symbols=symbols), content, limits, repair=True, rng=rng)
+        result = finish(replace(cell, symbols=symbols), content, limits, repair=True, rng=rng)
         if result is not None:
             return result
     return None
@@ -614,7 +369,7 @@ def coordinate_mutation(
     fraction: float = 0.5,
 ) -> Structure | None:
     """Random Cartesian kicks to part of the atoms: local exploration around a good parent."""
-    cell = _cell_of(parent)
+    cell = cell_of(parent)
     content = _parent_content(parent)
     n_atoms = len(cell.frac)
     for _ in range(ATTEMPTS):
@@ -622,20 +377,20 @@ def coordinate_mutation(
         if not moving.any():
             moving[int(rng.integers(n_atoms))] = True
         kicks = rng.normal(0.0, sigma, (n_atoms, 3)) * moving[:, None]
-        result = _finish(cell.with_cart(cell.cart + kicks), content, limits, repair=True, rng=rng)
+        result = finish(cell.with_cart(cell.cart + kicks), content, limits, repair=True, rng=rng)
         if result is not None:
             return result
     return None
 
 
-def _dynamical_matrix(cell: _Cell) -> np.ndarray:
+def _dynamical_matrix(cell: WorkingCell) -> np.ndarray:
     """Gamma-point 3N x 3N stiffness of a bond-spring model (no masses, no potential): springs to
     neighbours within BOND_FACTOR x the covalent sum, plus each atom's nearest neighbour so no atom
     floats free, stiffness decaying exponentially with stretch beyond the covalent sum."""
     n_atoms = len(cell.frac)
-    radii = covalent_radii[_numbers(cell.symbols)]
+    radii = covalent_radii[atomic_numbers_of(cell.symbols)]
     spacing = radii[:, None] + radii[None, :]
-    i, j, vectors, distances = _pairs(cell.lattice, cell.frac, 2.0 * float(spacing.max()))
+    i, j, vectors, distances = cell_pairs(cell.lattice, cell.frac, 2.0 * float(spacing.max()))
     nearest = np.full(n_atoms, np.inf)
     np.minimum.at(nearest, i, distances)
     natural = spacing[i, j]
@@ -651,7 +406,7 @@ def _dynamical_matrix(cell: _Cell) -> np.ndarray:
     return matrix.transpose(0, 2, 1, 3).reshape(3 * n_atoms, 3 * n_atoms)
 
 
-def _soft_modes(cell: _Cell, count: int) -> np.ndarray:
+def _soft_modes(cell: WorkingCell, count: int) -> np.ndarray:
     """The ``count`` softest non-translational modes, shape (count, N, 3). Rigid translations are exact
     zero modes of any spring model at Gamma; lifting them to the top of the spectrum skips them."""
     matrix = _dynamical_matrix(cell)
@@ -671,28 +426,28 @@ def soft_mutation(
     a potential): soft modes point along collective moves toward nearby minima, far more often useful
     than random kicks. Smaller amplitudes are tried before any repair, so atoms move at most
     ``amplitude`` (plus SOFT_REPAIR_SLACK in the rare repaired child)."""
-    cell = _cell_of(parent)
+    cell = cell_of(parent)
     if len(cell.frac) < 2:
         return None
     content = _parent_content(parent)
     try:
         modes = _soft_modes(cell, SOFT_MODE_CHOICES)
-    except (_FlatCell, np.linalg.LinAlgError):
+    except (FlatCellError, np.linalg.LinAlgError):
         return None
     for _ in range(ATTEMPTS):
         mode = modes[int(rng.integers(len(modes)))] * (1.0 if rng.random() < 0.5 else -1.0)
         shift = amplitude * mode / np.linalg.norm(mode, axis=1).max()
         for step in SOFT_AMPLITUDE_STEPS:
-            result = _finish(cell.with_cart(cell.cart + step * shift), content, limits, repair=False)
+            result = finish(cell.with_cart(cell.cart + step * shift), content, limits, repair=False)
             if result is not None:
                 return result
-        result = _finish(cell.with_cart(cell.cart + shift), content, limits, repair=True, rng=rng)
+        result = finish(cell.with_cart(cell.cart + shift), content, limits, repair=True, rng=rng)
         if result is not None and _largest_move(cell, result) <= amplitude + SOFT_REPAIR_SLACK:
             return result
     return None
 
 
-def _largest_move(cell: _Cell, moved: Structure) -> float:
+def _largest_move(cell: WorkingCell, moved: Structure) -> float:
     """Largest minimum-image displacement (Å) of any atom between a cell and its moved copy."""
     diff = moved.frac_coords - cell.frac
     diff -= np.round(diff)
@@ -712,6 +467,8 @@ def random_immigrant(
 ) -> tuple[Structure, int] | None:
     """A fresh random symmetric structure: keeps diversity in a population that heredity would
     otherwise collapse onto one basin. Returns it with its space-group number."""
+    from globopt.search.pyxtal_sampling import compatible_spacegroups, random_symmetric_structure
+
     content = {el: n for el, n in content.items() if n}
     groups = compatible_spacegroups(list(content.values()), spacegroups)
     if not groups:
@@ -727,6 +484,60 @@ def random_immigrant(
     return None
 
 
-def finish_random(structure: Structure, content: dict[str, int], limits: GeometryLimits) -> Structure | None:
-    """A pyxtal structure as the GA takes it in: the same validity check as any operator's child."""
-    return _finish(_cell_of(structure), content, limits, repair=False)
+# ----------------------------------------------------------------------------------------------------
+# the registry the GA draws from and the config validates against
+
+
+@dataclass(frozen=True)
+class VariationOperator:
+    """One GA operator as the search calls it.
+
+    ``make(parents, content, limits, rng, ga)`` returns a valid child of the given cell content, or None;
+    ``ga`` is the run's GA config section (the operators read their step sizes from it). An operator with
+    no parents (``immigrant``) has no ``make``: the search takes a fresh structure from its own numbered
+    random stream, which workers can build ahead of time.
+    """
+
+    name: str
+    n_parents: int
+    make: (
+        Callable[[tuple[Structure, ...], dict[str, int], GeometryLimits, np.random.Generator, Any], Any]
+        | None
+    )
+
+
+def _registry(*operators: VariationOperator) -> dict[str, VariationOperator]:
+    return {op.name: op for op in operators}
+
+
+VARIATION_OPERATORS: dict[str, VariationOperator] = _registry(
+    VariationOperator(
+        "heredity", 2, lambda parents, content, limits, rng, ga: heredity(*parents, content, limits, rng)
+    ),
+    VariationOperator(
+        "lattice_strain",
+        1,
+        lambda parents, content, limits, rng, ga: lattice_strain(
+            parents[0], limits, rng, sigma=ga.strain_sigma
+        ),
+    ),
+    VariationOperator(
+        "permutation", 1, lambda parents, content, limits, rng, ga: permutation(parents[0], limits, rng)
+    ),
+    VariationOperator(
+        "coordinate",
+        1,
+        lambda parents, content, limits, rng, ga: coordinate_mutation(
+            parents[0], limits, rng, sigma=ga.coordinate_sigma
+        ),
+    ),
+    VariationOperator(
+        "soft",
+        1,
+        lambda parents, content, limits, rng, ga: soft_mutation(
+            parents[0], limits, rng, amplitude=ga.soft_amplitude
+        ),
+    ),
+    VariationOperator("immigrant", 0, None),
+)
+OPERATORS = tuple(VARIATION_OPERATORS)

@@ -56,8 +56,8 @@ class GeneratedStructure:
 
 def build(recipe: RandomRecipe, limits: GeometryLimits | None) -> GeneratedStructure:
     """Build one numbered structure (deterministic in the recipe; the limits only matter for GA streams)."""
-    from globopt.search import operators
-    from globopt.search.random_search import random_symmetric_structure
+    from globopt.search.cells import finish_random
+    from globopt.search.pyxtal_sampling import random_symmetric_structure
 
     rng = np.random.default_rng([recipe.seed, STREAM_IDS[recipe.stream], recipe.index])
     if not recipe.contents:
@@ -74,7 +74,7 @@ def build(recipe: RandomRecipe, limits: GeometryLimits | None) -> GeneratedStruc
         if recipe.check_limits:
             if limits is None:
                 raise ValueError(f"stream {recipe.stream!r} needs geometry limits to build structures")
-            finished = operators.finish_random(structure, content, limits)
+            finished = finish_random(structure, content, limits)
             if finished is None:
                 last_error = f"random structure in group {group} failed the operators' validity check"
                 continue
@@ -95,8 +95,8 @@ def build_for_screening(
     ``between`` runs after every structure: MPI workers send heartbeats and honour stop requests from it.
     A failure to build is recorded in the result, never raised: the search then builds that number itself.
     """
-    from globopt.archive import structure_to_json
     from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching
+    from globopt.structure_codec import structure_to_json
 
     built = []
     for recipe in recipes:
@@ -138,7 +138,7 @@ class RandomStream:
         limits: GeometryLimits | None = None,
         check_limits: bool = False,
     ) -> None:
-        from globopt.search.random_search import compatible_spacegroups
+        from globopt.search.pyxtal_sampling import compatible_spacegroups
 
         self.stream = stream
         self.seed = seed

@@ -24,6 +24,13 @@ class PotentialUnavailableError(RuntimeError):
     """The requested potential cannot be built here (missing package, unknown class)."""
 
 
+class PotentialBuildError(RuntimeError):
+    """Building the potential on a worker failed (a broken model file, a bad calculator argument).
+
+    Raised on the worker and re-raised on rank 0 (it pickles), where the CLI reports it as the user's to fix.
+    """
+
+
 def covered_elements(kind: str, model: str) -> frozenset[str] | None:
     """Elements the potential has parameters for, or None when unknown without loading it."""
     if kind == "emt":

@@ -17,12 +17,12 @@ import numpy as np
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from globopt.archive import structure_to_json
 from globopt.candidate import Evaluation, RelaxTask, Status
-from surrogates.calculators import build_calculator
-from surrogates.early_stop import EarlyStopper, EarlyStopSettings
-from surrogates.known_minima import KnownMinimaSettings, KnownMinimaWatch
-from surrogates.relax import RelaxSettings, relax
+from globopt.evaluator.early_stop import EarlyStopper, EarlyStopSettings
+from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimaWatch
+from globopt.evaluator.relax import RelaxSettings, relax
+from globopt.structure_codec import structure_to_json
+from surrogates.potentials import PotentialBuildError, build_calculator
 
 _FAILURE_STATUS = {
     "nan": Status.NAN,
@@ -86,7 +86,7 @@ def _relax_and_analyse(
     try:
         calculator = build_calculator(**settings.potential)
     except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
-        raise RuntimeError(f"cannot build the potential: {exc}") from exc
+        raise PotentialBuildError(f"cannot build the potential: {exc}") from exc
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
     n_atoms = len(atoms)
     if settings.rattle > 0:

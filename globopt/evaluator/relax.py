@@ -19,10 +19,10 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.optimize import BFGS, FIRE, LBFGS
 
-from surrogates.calculators import TimedCalculator
-from surrogates.cell_filter import FastFrechetCellFilter
-from surrogates.early_stop import EarlyStopper
-from surrogates.known_minima import KnownMinimaWatch
+from globopt.evaluator.cell_filter import FastFrechetCellFilter
+from globopt.evaluator.early_stop import EarlyStopper
+from globopt.evaluator.known_minima import KnownMinimaWatch
+from surrogates.potentials import TimedCalculator
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
 
@@ -82,9 +82,9 @@ def relax(
     ``on_step(step, energy)`` runs after every optimiser step so the caller can show life without a
     thread (an MPI worker sends heartbeats from it) or cancel: an exception derived from BaseException
     but not Exception propagates, while an ordinary exception is recorded as an ``error`` outcome.
-    ``stopper`` (surrogates/early_stop.py) ends a relaxation heading clearly above the best enthalpy found
-    so far as ``stopped_early``; ``watch`` (surrogates/known_minima.py) ends one falling into a minimum
-    the search has found already, also as ``stopped_early``.
+    ``stopper`` (early_stop.py) ends a relaxation heading clearly above the best enthalpy found so far as
+    ``stopped_early``; ``watch`` (known_minima.py) ends one falling into a minimum the search has found
+    already, also as ``stopped_early``.
     """
     start = time.perf_counter()
     atoms = atoms.copy()
