@@ -103,8 +103,22 @@ def test_geometry_check_names_the_offending_pair() -> None:
     atoms = cu_cell(rattle=0)
     atoms.positions[1] = atoms.positions[0] + [0.5, 0.0, 0.0]
     problem = geometry_problem(AseAtomsAdaptor.get_structure(atoms), LIMITS)
-    assert "atoms 0 (Cu) and 1 (Cu) are 0.50 Å apart" in problem
+    assert "atoms 0 (Cu) and 1 (Cu) are 0.500 Å apart" in problem
     assert geometry_problem(AseAtomsAdaptor.get_structure(cu_cell()), LIMITS) == ""
+
+
+def test_a_pair_just_below_its_limit_never_reads_as_equal_to_it() -> None:
+    from pymatgen.core import Lattice, Structure
+
+    allowed = float(LIMITS.min_distance[29, 29])
+    for gap in (1e-4, 4e-4, 9e-4):
+        distance = allowed - gap
+        pair = Structure(Lattice.cubic(4.0), ["Cu", "Cu"], [[0, 0, 0], [distance / 4.0, 0, 0]])
+        problem = geometry_problem(pair, LIMITS)
+        shown = [
+            float(word) for word in problem.replace("Å", " ").split() if word[0].isdigit() and "." in word
+        ]
+        assert shown[0] < shown[1], problem
 
 
 def test_evaluate_maps_outcomes_to_statuses() -> None:

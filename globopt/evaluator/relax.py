@@ -22,6 +22,7 @@ from ase.optimize import BFGS, FIRE, LBFGS
 from globopt.evaluator.cell_filter import FastFrechetCellFilter
 from globopt.evaluator.early_stop import EarlyStopper
 from globopt.evaluator.known_minima import KnownMinimaWatch
+from globopt.geometry import GeometryLimits, closest_pair_violation
 from surrogates.potentials import TimedCalculator
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
@@ -193,30 +194,11 @@ def _guard(
     if volume_per_atom < low:
         return "collapsed", f"volume {volume_per_atom:.1f} Å^3/atom below the limit {low:.1f}"
     if check_geometry and settings.min_distance is not None:
-        problem = closest_pair_violation(atoms, settings.min_distance)
+        limits = GeometryLimits(settings.min_distance, settings.volume_per_atom_range)
+        problem = closest_pair_violation(
+            atoms.cell.array, atoms.get_scaled_positions(wrap=False), atoms.numbers,
+            atoms.get_chemical_symbols(), limits,
+        )  # fmt: skip
         if problem:
             return "collapsed", problem
     return None, ""
-
-
-def closest_pair_violation(atoms: Atoms, min_distance: np.ndarray) -> str:
-    """Describe the worst pair closer than allowed, or return '' when all pairs are fine."""
-    from ase.neighborlist import neighbor_list
-
-    cutoff = float(min_distance.max())
-    if cutoff <= 0:
-        return ""
-    i, j, d = neighbor_list("ijd", atoms, cutoff)
-    if len(d) == 0:
-        return ""
-    numbers = atoms.numbers
-    allowed = min_distance[numbers[i], numbers[j]]
-    bad = d < allowed
-    if not bad.any():
-        return ""
-    worst = int(np.argmin(np.where(bad, d / allowed, np.inf)))
-    symbols = atoms.get_chemical_symbols()
-    return (
-        f"atoms {i[worst]} ({symbols[i[worst]]}) and {j[worst]} ({symbols[j[worst]]}) are "
-        f"{d[worst]:.2f} Å apart, below the minimum {allowed[worst]:.2f} Å"
-    )

@@ -17,7 +17,7 @@ import numpy as np
 from ase.data import atomic_numbers
 from pymatgen.core import Lattice, Structure
 
-from globopt.geometry import GeometryLimits, geometry_problem
+from globopt.geometry import GeometryLimits, geometry_problem, periodic_pairs
 
 # The engine's lattice rule. A Niggli cell's angles always lie within about 60..120 degrees, so in practice
 # degenerate cells are caught by a failed reduction or a too-short vector; the angle test keeps the rule
@@ -134,25 +134,15 @@ def cell_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All ordered pairs (i, j, image) closer than cutoff: i, j, vector i->j (Å), distance.
 
-    Each unordered pair appears twice (once from each end), periodic self-images included. Exact for
-    any cell, which matters for small cells where one pair has several images within the cutoff.
+    Refuses (FlatCellError) a cell so thin that even its reduced basis has more than MAX_IMAGES_REDUCED
+    periodic images within the cutoff: that is a slab, not a crystal, and no operator works on it.
     """
-    shifts = image_shifts(lattice, cutoff)
-    if len(shifts) > MAX_IMAGES:
-        lattice, frac = reduced_basis(lattice, frac)
-        shifts = image_shifts(lattice, cutoff)
+    if len(image_shifts(lattice, cutoff)) > MAX_IMAGES:
+        reduced, _ = reduced_basis(lattice, frac)
+        shifts = image_shifts(reduced, cutoff)
         if len(shifts) > MAX_IMAGES_REDUCED:
             raise FlatCellError(f"{len(shifts)} periodic images within {cutoff:.2f} Å")
-    diff = frac[None, :, :] - frac[:, None, :]
-    diff -= np.round(diff)
-    vectors = (diff[:, :, None, :] + shifts[None, None, :, :]) @ lattice
-    distances = np.linalg.norm(vectors, axis=-1)
-    mask = distances < cutoff
-    n = len(frac)
-    zero = int(np.flatnonzero(np.all(shifts == 0, axis=1))[0])
-    mask[np.arange(n), np.arange(n), zero] = False
-    i, j, m = np.nonzero(mask)
-    return i, j, vectors[i, j, m], distances[i, j, m]
+    return periodic_pairs(lattice, frac, cutoff)
 
 
 def nearest_distances(lattice: np.ndarray, points: np.ndarray, frac: np.ndarray) -> np.ndarray:
