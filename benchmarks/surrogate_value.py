@@ -89,7 +89,7 @@ class SearchInterrupted(Exception):
 
 def run_search(system: str, content: dict, reference_energy: float, seed: int, args, surrogate: bool) -> dict:
     from globopt.config import parse_config
-    from globopt.engine import Engine
+    from globopt.pipeline import build_engine
     from globopt.progress import Progress
     from globopt.rundir import RunDirectory
 
@@ -125,32 +125,30 @@ def run_search(system: str, content: dict, reference_energy: float, seed: int, a
         parent = args.keep_runs if args.keep_runs is not None else Path(folder)
         run = RunDirectory.create(parent / config.name, config)
         started = time.perf_counter()
-        engine = Engine(config, run, Progress(False))
+        engine = build_engine(config, run, Progress(False))
         summary = engine.run()
         wall = time.perf_counter() - started
         if summary.interrupted:  # a search cut short is not a miss: record nothing rather than a false one
             raise SearchInterrupted(config.name)
-        gp_seconds = engine.surrogate.seconds if engine.surrogate is not None else 0.0
+        gp_seconds = engine.selection.surrogate.seconds if surrogate else 0.0
         archive = run.open_archive()
         relaxations = force_calls = 0
         hit_at = None
         statuses: dict[str, int] = {}
         predictions = []
-        for row in archive.rows():
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            if row["status"] not in USED:
+        for row in archive.records():
+            statuses[row.status] = statuses.get(row.status, 0) + 1
+            if row.status not in USED:
                 continue
             relaxations += 1
-            force_calls += row["n_force_calls"] or 0
-            extra = json.loads(row["extra"] or "{}")
-            if row["status"] == "relaxed" and "surrogate" in extra:
-                predictions.append({**extra["surrogate"], "actual": row["enthalpy_per_atom"]})
-            hit = row["status"] == "relaxed" and row["enthalpy_per_atom"] <= reference_energy + HIT_TOLERANCE
+            force_calls += row.n_force_calls or 0
+            extra = row.extra
+            if row.status == "relaxed" and "surrogate" in extra:
+                predictions.append({**extra["surrogate"], "actual": row.enthalpy_per_atom})
+            hit = row.status == "relaxed" and row.enthalpy_per_atom <= reference_energy + HIT_TOLERANCE
             if hit_at is None and hit:
                 hit_at = {"relaxations": relaxations, "force_calls": force_calls}
-        relax_seconds = archive.db.execute(
-            "SELECT COALESCE(SUM(seconds), 0) FROM candidates WHERE status != 'pending'"
-        ).fetchone()[0]
+        relax_seconds = sum(record.seconds or 0.0 for record in archive.finished())
         archive.close()
         run.release_lock()
     return {
@@ -196,20 +194,14 @@ def held_out_accuracy(run_dir: Path, start: int, descriptor: str = "rdf") -> dic
     from sklearn.neighbors import KNeighborsRegressor
 
     from globopt.archive import Archive
-    from globopt.structure_codec import structure_from_json
     from surrogates.descriptors import make_descriptor
     from surrogates.gp import GPSettings, GPSurrogate
 
     archive = Archive(run_dir / "archive.sqlite")
-    rows = list(
-        archive.db.execute(
-            "SELECT initial, enthalpy_per_atom FROM candidates WHERE status='relaxed'"
-            " ORDER BY finished_at, id"
-        )
-    )
+    rows = list(archive.relaxed_in_commit_order())
     archive.close()
-    structures = [structure_from_json(r["initial"]) for r in rows]
-    y = np.array([r["enthalpy_per_atom"] for r in rows])
+    structures = [r.initial for r in rows]
+    y = np.array([r.enthalpy_per_atom for r in rows])
     elements = sorted({str(el) for s in structures for el in s.composition})
     describe = make_descriptor(descriptor, elements)
     x = np.vstack([describe(s) for s in structures])
@@ -311,10 +303,10 @@ def markdown_force_calls(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        plain, gp = row["plain_force_calls"], row["gp_force_calls"]
-        ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "-"
+        plain, gp = row.plain_force_calls, row.gp_force_calls
+        ratio = f"{row.ratio:.1f}x" if row.ratio else "-"
         lines.append(
-            f"| {row['system']} | {row['successes']}/{row['runs']} | {plain if plain is not None else '-'} "
+            f"| {row.system} | {row.successes}/{row.runs} | {plain if plain is not None else '-'} "
             f"| {gp if gp is not None else '-'} | {ratio} |"
         )
     return "\n".join(lines)
@@ -327,17 +319,17 @@ def markdown(table: list[dict], budget: int) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in table:
-        p = row["prediction"]
+        p = row.prediction
         quality = (
             f"{p['mae_ev_per_atom']:.3f} ({p['n']}, {p['within_1_sigma']:.0%}/{p['within_2_sigma']:.0%})"
             if p["n"]
             else "-"
         )
         lines.append(
-            f"| {row['system']} | {row['variant']} | {row['success_rate'] * row['runs']:.0f}/{row['runs']} "
-            f"| {row['median_relaxations_to_hit'] if row['median_relaxations_to_hit'] is not None else '-'} "
-            f"| {row['median_force_calls_to_hit'] if row['median_force_calls_to_hit'] is not None else '-'} "
-            f"| {row['total_force_calls']} | {row['total_wall_seconds']:.0f} | {quality} |"
+            f"| {row.system} | {row.variant} | {row.success_rate * row.runs:.0f}/{row.runs} "
+            f"| {row.median_relaxations_to_hit if row.median_relaxations_to_hit is not None else '-'} "
+            f"| {row.median_force_calls_to_hit if row.median_force_calls_to_hit is not None else '-'} "
+            f"| {row.total_force_calls} | {row.total_wall_seconds:.0f} | {quality} |"
         )
     return "\n".join(lines)
 

@@ -11,9 +11,12 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pymatgen.core import Structure
 
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.structure_codec import structure_from_json, structure_to_json
@@ -54,6 +57,68 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 USED_POTENTIAL = tuple(s.value for s in Status if s.used_potential)
+# Statuses of candidates that never reached a relaxation: the search may propose their structures again.
+SCREENED_OUT = (Status.REJECTED, Status.DUPLICATE, Status.SKIPPED)
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One archived candidate, as the rest of the engine reads it (the columns of the candidates table).
+
+    Structures stay JSON text until asked for (``initial``, ``relaxed``): most readers need a few numbers
+    of many rows, and parsing every structure would dominate their cost.
+    """
+
+    id: int
+    status: Status
+    origin: str
+    parents: str  # JSON list of candidate ids
+    formula: str
+    n_atoms: int
+    initial_json: str
+    relaxed_json: str | None
+    energy: float | None
+    energy_per_atom: float | None
+    enthalpy_per_atom: float | None
+    spacegroup: str | None
+    spacegroup_number: int | None
+    volume_per_atom: float | None
+    n_steps: int | None
+    n_force_calls: int | None
+    seconds: float | None
+    potential_seconds: float | None
+    reason: str
+    duplicate_of: int | None
+    attempts: int
+    worker: str | None
+    created_at: float
+    finished_at: float | None
+    extra_json: str
+
+    @property
+    def initial(self) -> Structure:
+        return structure_from_json(self.initial_json)
+
+    @property
+    def relaxed(self) -> Structure | None:
+        return None if self.relaxed_json is None else structure_from_json(self.relaxed_json)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return json.loads(self.extra_json or "{}")
+
+    @property
+    def parent_ids(self) -> list[int]:
+        return json.loads(self.parents or "[]")
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> CandidateRecord:
+        values = dict(row)
+        values["status"] = Status(values["status"])
+        values["initial_json"] = values.pop("initial")
+        values["relaxed_json"] = values.pop("relaxed")
+        values["extra_json"] = values.pop("extra")
+        return cls(**values)
 
 
 class ArchiveError(RuntimeError):
@@ -280,21 +345,60 @@ class Archive:
         rows = self.db.execute("SELECT status, COUNT(*) AS n FROM candidates GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
 
-    def rows(self, where: str = "", params: tuple = ()) -> Iterator[sqlite3.Row]:
-        yield from self.db.execute(f"SELECT * FROM candidates {where} ORDER BY id", params)
+    def _select(self, where: str = "", params: tuple = (), order: str = "id") -> Iterator[CandidateRecord]:
+        for row in self.db.execute(f"SELECT * FROM candidates {where} ORDER BY {order}", params):
+            yield CandidateRecord.from_row(row)
 
-    def row(self, candidate_id: int) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+    def records(
+        self,
+        statuses: Iterable[Status] | None = None,
+        exclude: Iterable[Status] = (),
+    ) -> Iterator[CandidateRecord]:
+        """Candidates in id order (the order they were proposed), optionally only or all but some statuses."""
+        clauses, params = [], []
+        if statuses is not None:
+            wanted = [Status(s).value for s in statuses]
+            clauses.append(f"status IN ({','.join('?' * len(wanted))})")
+            params += wanted
+        excluded = [Status(s).value for s in exclude]
+        if excluded:
+            clauses.append(f"status NOT IN ({','.join('?' * len(excluded))})")
+            params += excluded
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        yield from self._select(where, tuple(params))
 
-    def best_unique(self, limit: int) -> list[sqlite3.Row]:
+    def finished(self) -> Iterator[CandidateRecord]:
+        """Every candidate with an outcome (everything but pending), in id order."""
+        yield from self.records(exclude=(Status.PENDING,))
+
+    def used_potential(self) -> Iterator[CandidateRecord]:
+        """Candidates that cost a relaxation (they count against the budget), in id order."""
+        yield from self.records(statuses=[Status(s) for s in USED_POTENTIAL])
+
+    def unique_minima(self) -> Iterator[CandidateRecord]:
+        """Relaxed candidates that are the first (or lowest) of their minimum, in id order."""
+        yield from self._select("WHERE status='relaxed' AND duplicate_of IS NULL")
+
+    def relaxed_in_commit_order(self) -> Iterator[CandidateRecord]:
+        """Relaxed candidates in the order their results were committed (finished_at is stamped then).
+
+        This is the order the running engine learned them in, so a model rebuilt from it on resume is the
+        model the killed run had.
+        """
+        yield from self._select("WHERE status='relaxed'", order="finished_at, id")
+
+    def record(self, candidate_id: int) -> CandidateRecord | None:
+        row = self.db.execute("SELECT * FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+        return None if row is None else CandidateRecord.from_row(row)
+
+    def best_unique(self, limit: int) -> list[CandidateRecord]:
         """Lowest-enthalpy relaxed candidates that are not duplicates of an earlier one, best first."""
-        return list(
-            self.db.execute(
-                "SELECT * FROM candidates WHERE status='relaxed' AND duplicate_of IS NULL"
-                " ORDER BY enthalpy_per_atom, id LIMIT ?",
-                (limit,),
-            )
+        rows = self.db.execute(
+            "SELECT * FROM candidates WHERE status='relaxed' AND duplicate_of IS NULL"
+            " ORDER BY enthalpy_per_atom, id LIMIT ?",
+            (limit,),
         )
+        return [CandidateRecord.from_row(row) for row in rows]
 
 
 class _Transaction:

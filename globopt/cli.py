@@ -169,7 +169,7 @@ def _positive_workers(value: int) -> int:
 
 def _execute(run, config, verbose: bool) -> int:
     from globopt.archive import ArchiveError
-    from globopt.engine import Engine
+    from globopt.pipeline import build_engine
     from globopt.progress import Progress, configure_logging
     from globopt.search.base import SearchExhausted
     from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
@@ -183,7 +183,7 @@ def _execute(run, config, verbose: bool) -> int:
         config.potential.kind, config.potential.model, run.path,
     )  # fmt: skip
     try:
-        engine = Engine(config, run, Progress(interactive))
+        engine = build_engine(config, run, Progress(interactive))
         summary = engine.run()
     except (
         ModelNotFoundError,

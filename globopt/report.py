@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import sqlite3
 from collections import Counter
 from pathlib import Path
 
-from globopt.archive import Archive
+from globopt.archive import Archive, CandidateRecord
 from globopt.candidate import Status
 from globopt.rundir import RunDirectory, RunDirError
 
@@ -48,8 +47,8 @@ def status_text(path: Path, n_best: int = 5) -> str:
             lines.append("best unique structures (enthalpy per atom):")
             for rank, row in enumerate(best, 1):
                 lines.append(
-                    f"  {rank}. id={row['id']:<5} {row['enthalpy_per_atom']:.4f} eV/atom  "
-                    f"{row['spacegroup'] or '?':10s} {row['formula']}  ({row['origin']})"
+                    f"  {rank}. id={row.id:<5} {row.enthalpy_per_atom:.4f} eV/atom  "
+                    f"{row.spacegroup or '?':10s} {row.formula}  ({row.origin})"
                 )
         else:
             lines.append("no relaxed structure yet")
@@ -69,9 +68,9 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
     out = out or (path / "report")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        evaluated = [r for r in archive.rows() if Status(r["status"]).used_potential]
+        evaluated = list(archive.used_potential())
         energies = [
-            (i + 1, r["enthalpy_per_atom"]) for i, r in enumerate(evaluated) if r["status"] == Status.RELAXED
+            (i + 1, r.enthalpy_per_atom) for i, r in enumerate(evaluated) if r.status == Status.RELAXED
         ]
         files = []
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -100,8 +99,8 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
         plt.close(fig)
         files.append(plot)
         summary = out / "summary.md"
-        seconds = [r["seconds"] for r in evaluated if r["seconds"]]
-        potential = [r["potential_seconds"] for r in evaluated if r["potential_seconds"]]
+        seconds = [r.seconds for r in evaluated if r.seconds]
+        potential = [r.potential_seconds for r in evaluated if r.potential_seconds]
         text = ["# Run report", "", "```", status_text(path, n_best=10), "```", ""]
         if seconds:
             text += [
@@ -146,12 +145,10 @@ def best_candidates_table(archive: Archive, n_best: int) -> list[str]:
     """
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from globopt.structure_codec import structure_from_json
-
     rows = archive.best_unique(n_best)
     if not rows:
         return []
-    lowest = rows[0]["enthalpy_per_atom"]
+    lowest = rows[0].enthalpy_per_atom
     lines = [
         "## Best unique structures",
         "",
@@ -160,36 +157,36 @@ def best_candidates_table(archive: Archive, n_best: int) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rank, row in enumerate(rows, start=1):
-        structure = structure_from_json(row["relaxed"])
+        structure = row.relaxed
         try:
             cell = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
         except Exception:  # spglib gives up on badly distorted cells: show the cell as stored
             cell = structure
         a, b, c = cell.lattice.abc
         alpha, beta, gamma = cell.lattice.angles
-        group = f"{row['spacegroup']} ({row['spacegroup_number']})" if row["spacegroup"] else "?"
+        group = f"{row.spacegroup} ({row.spacegroup_number})" if row.spacegroup else "?"
         lines.append(
-            f"| {rank} | {row['id']} | {structure.composition.reduced_formula} ({len(structure)} atoms) "
-            f"| {row['enthalpy_per_atom']:.4f} | {1000 * (row['enthalpy_per_atom'] - lowest):.1f} | {group} "
+            f"| {rank} | {row.id} | {structure.composition.reduced_formula} ({len(structure)} atoms) "
+            f"| {row.enthalpy_per_atom:.4f} | {1000 * (row.enthalpy_per_atom - lowest):.1f} | {group} "
             f"| {a:.3f}, {b:.3f}, {c:.3f} | {alpha:.1f}, {beta:.1f}, {gamma:.1f} "
-            f"| {structure.volume / len(structure):.2f} | {structure.density:.3f} | {row['origin']} |"
+            f"| {structure.volume / len(structure):.2f} | {structure.density:.3f} | {row.origin} |"
         )
     return [*lines, ""]
 
 
-def origin_table(evaluated: list[sqlite3.Row]) -> list[str]:
+def origin_table(evaluated: list[CandidateRecord]) -> list[str]:
     """Which sources (random, heredity, strain, ...) produced relaxations and new best-so-far structures."""
     if not evaluated:
         return []
     used, relaxed, improved = Counter(), Counter(), Counter()
     best = math.inf
     for row in evaluated:
-        origin = re.sub(r":sg\d+$", "", row["origin"])  # random draws: one row, not one per space group
+        origin = re.sub(r":sg\d+$", "", row.origin)  # random draws: one row, not one per space group
         used[origin] += 1
-        if row["status"] == Status.RELAXED:
+        if row.status == Status.RELAXED:
             relaxed[origin] += 1
-            if row["enthalpy_per_atom"] < best - 1e-4:
-                best = row["enthalpy_per_atom"]
+            if row.enthalpy_per_atom < best - 1e-4:
+                best = row.enthalpy_per_atom
                 improved[origin] += 1
     lines = [
         "## Where the evaluations came from",
@@ -199,7 +196,7 @@ def origin_table(evaluated: list[sqlite3.Row]) -> list[str]:
     ]
     for origin, count in used.most_common():
         lines.append(f"| {origin} | {count} | {relaxed[origin]} | {improved[origin]} |")
-    failures = Counter(r["status"] for r in evaluated if r["status"] != Status.RELAXED)
+    failures = Counter(r.status for r in evaluated if r.status != Status.RELAXED)
     if failures:
         lines += ["", "Failed relaxations: " + ", ".join(f"{k} {v}" for k, v in sorted(failures.items()))]
     return [*lines, ""]

@@ -23,7 +23,7 @@ from typing import Any
 
 from pymatgen.io.cif import CifWriter
 
-from globopt.archive import Archive
+from globopt.archive import Archive, CandidateRecord
 from globopt.config import ConfigError, RunConfig, load_config
 from globopt.objectives import objective_scores, pareto_front
 from globopt.structure_codec import structure_from_json
@@ -152,13 +152,13 @@ class RunDirectory:
     # -- derived outputs -----------------------------------------------------------------------------
     def append_result(self, archive: Archive, candidate_id: int) -> None:
         """Add one row to results.csv; rewrite_results() repairs anything a kill left out."""
-        row = archive.row(candidate_id)
+        record = archive.record(candidate_id)
         new_file = not self.results_path.exists()
         with open(self.results_path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if new_file:
                 writer.writerow(RESULT_COLUMNS)
-            writer.writerow(_csv_row(row))
+            writer.writerow(_csv_row(record))
 
     def rewrite_results(self, archive: Archive, objectives: Sequence[Any] = ()) -> None:
         """Regenerate results.csv from the archive (finished candidates only), atomically.
@@ -170,9 +170,9 @@ class RunDirectory:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(RESULT_COLUMNS)
-            for row in archive.rows("WHERE status != 'pending'"):
-                on_front = "" if not objectives or row["status"] != "relaxed" else int(row["id"] in front)
-                writer.writerow(_csv_row(row, on_front))
+            for record in archive.finished():
+                on_front = "" if not objectives or record.status != "relaxed" else int(record.id in front)
+                writer.writerow(_csv_row(record, on_front))
         os.replace(tmp, self.results_path)
 
     def write_best(self, archive: Archive, n_best: int) -> list[Path]:
@@ -182,10 +182,10 @@ class RunDirectory:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         written = []
-        for rank, row in enumerate(rows, start=1):
-            formula, cif = self._symmetrized_cif(row["id"], row["relaxed"])
-            sg = (row["spacegroup"] or "P1").replace("/", "_")
-            name = f"{rank:03d}_{formula}_{sg}_id{row['id']}.cif"
+        for rank, record in enumerate(rows, start=1):
+            formula, cif = self._symmetrized_cif(record.id, record.relaxed_json)
+            sg = (record.spacegroup or "P1").replace("/", "_")
+            name = f"{rank:03d}_{formula}_{sg}_id{record.id}.cif"
             (staging / name).write_text(cif)
             written.append(self.best_path / name)
         old = self.path / "best.old"
@@ -213,27 +213,27 @@ class RunDirectory:
 
 def _pareto_ids(archive: Archive, objectives: Sequence[Any]) -> set[int]:
     points = {}
-    for row in archive.rows("WHERE status='relaxed' AND duplicate_of IS NULL"):
-        values = json.loads(row["extra"]).get("objectives", {})
+    for record in archive.unique_minima():
+        values = record.extra.get("objectives", {})
         if all(o.name in values for o in objectives):
-            points[row["id"]] = objective_scores(row["enthalpy_per_atom"], values, objectives)
+            points[record.id] = objective_scores(record.enthalpy_per_atom, values, objectives)
     return pareto_front(points)
 
 
-def _csv_row(row, on_front: int | str = "") -> list:
+def _csv_row(record: CandidateRecord, on_front: int | str = "") -> list:
     values = []
     for column in RESULT_COLUMNS:
         if column == "pareto_front":
             values.append(on_front)
             continue
         if column == "objectives":
-            objective_values = json.loads(row["extra"] or "{}").get("objectives")
+            objective_values = record.extra.get("objectives")
             values.append(json.dumps(objective_values) if objective_values else "")
             continue
-        value = row[column]
+        value = getattr(record, column)
         if isinstance(value, float):
             value = f"{value:.6f}" if column.endswith("per_atom") else f"{value:.4g}"
-        values.append("" if value is None else value)
+        values.append("" if value is None else str(value))
     return values
 
 

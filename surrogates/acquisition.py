@@ -62,15 +62,13 @@ def expected_improvement(mu: np.ndarray, sigma: np.ndarray, best: float) -> np.n
     return gap * norm.cdf(z) + sigma * norm.pdf(z)
 
 
-def learned_points(row) -> list[tuple[str, float]]:
-    """(structure JSON, enthalpy per atom) pairs an archive row teaches the surrogate, in order.
+def learned_points(status: str, enthalpy_per_atom: float | None, initial_json: str | None) -> list:
+    """(initial structure JSON, enthalpy per atom) pairs one outcome teaches the surrogate, in order.
 
-    ``row`` needs status, initial and enthalpy_per_atom (the candidates table, or the same fields of a
-    just-finished evaluation): one function, so the running engine and a rebuild on resume learn exactly
-    the same points.
+    One function for the running engine and the rebuild on resume, so both learn exactly the same points.
     """
-    if str(row["status"]) == "relaxed":
-        return [(row["initial"], row["enthalpy_per_atom"])]
+    if str(status) == "relaxed":
+        return [(initial_json, enthalpy_per_atom)]
     return []
 
 
@@ -129,15 +127,21 @@ class SurrogateScreen:
     def learn(self, descriptor: np.ndarray, enthalpy_per_atom: float) -> None:
         self.gp.add(descriptor, enthalpy_per_atom)
 
-    def learn_row(self, row, initial_descriptor: np.ndarray | None = None) -> int:
-        """Learn what one archive row teaches (learned_points); returns the number of points added.
+    def learn_result(
+        self,
+        status: str,
+        enthalpy_per_atom: float | None,
+        initial_json: str | None,
+        initial_descriptor: np.ndarray | None = None,
+    ) -> int:
+        """Learn what one outcome teaches (learned_points); returns the number of points added.
 
-        ``initial_descriptor``: the descriptor of the row's initial structure when the caller has it
-        already (computed for the ranking), so it is not computed twice.
+        ``initial_descriptor``: the descriptor of the initial structure when the caller has it already
+        (computed for the ranking), so it is neither parsed nor computed twice.
         """
         from globopt.structure_codec import structure_from_json
 
-        points = learned_points(row)
+        points = learned_points(status, enthalpy_per_atom, initial_json)
         for index, (structure_json, enthalpy) in enumerate(points):
             if index == 0 and initial_descriptor is not None:
                 descriptor = initial_descriptor
@@ -149,13 +153,8 @@ class SurrogateScreen:
     def rebuild(self, archive) -> int:
         """Learn every finished candidate of an archive, in commit order; returns the points learned."""
         count = 0
-        # finished_at is stamped at commit, so this is the order the running engine learned them in
-        rows = archive.db.execute(
-            "SELECT status, initial, enthalpy_per_atom FROM candidates"
-            " WHERE status = 'relaxed' ORDER BY finished_at, id"
-        )
-        for row in rows:
-            count += self.learn_row(row)
+        for record in archive.relaxed_in_commit_order():
+            count += self.learn_result(record.status, record.enthalpy_per_atom, record.initial_json)
         return count
 
     def rank(self, descriptors: Sequence[np.ndarray], best: float | None = None) -> list[Prediction]:

@@ -11,7 +11,6 @@ from helpers import committed, emt_config, globopt_process, read_results, sigkil
 
 from globopt.cli import main
 from globopt.config import parse_config
-from globopt.geometry import geometry_limits
 from globopt.search.factory import make_search
 
 GA = {"population_size": 6, "initial_random": 6}
@@ -127,7 +126,6 @@ def test_variable_formula_units_compare_energy_per_atom() -> None:
         }
     )
     assert config.cell_contents == [{"Cu": 1, "Au": 1}, {"Cu": 2, "Au": 2}, {"Cu": 3, "Au": 3}]
-    limits = geometry_limits(["Cu", "Au"], [1, 1], 0.6, (0.4, 8.0))
-    search = make_search(config, limits)
+    search = make_search(config)
     sizes = {len(search.propose().structure) for _ in range(12)}
     assert sizes == {2, 4, 6}

@@ -343,10 +343,9 @@ def test_expected_improvement_is_the_mean_improvement_below_the_best() -> None:
 def test_only_relaxed_candidates_teach_the_surrogate() -> None:
     structure = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]])
     initial = structure_to_json(structure)
-    row = {"status": "relaxed", "initial": initial, "enthalpy_per_atom": -3.7}
-    assert learned_points(row) == [(initial, -3.7)]
+    assert learned_points("relaxed", -3.7, initial) == [(initial, -3.7)]
     for status in ("stopped_early", "collapsed", "skipped", "duplicate", "unconverged"):
-        assert learned_points({**row, "status": status}) == []
+        assert learned_points(status, -3.7, initial) == []
 
 
 # -- early stopping ---------------------------------------------------------------------------------------

@@ -109,10 +109,9 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
     """Run (or resume, or reuse) the search's run directory, then read its evaluations back."""
     from globopt.candidate import Status
     from globopt.config import parse_config
-    from globopt.engine import Engine
+    from globopt.pipeline import build_engine
     from globopt.progress import Progress
     from globopt.rundir import RunDirectory
-    from globopt.structure_codec import structure_from_json
 
     path = Path(job.run_dir)
     run = RunDirectory(path)
@@ -124,7 +123,7 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
         else:
             run = RunDirectory.create(path, config)
         try:
-            summary = Engine(config, run, Progress(False)).run()
+            summary = build_engine(config, run, Progress(False)).run()
         finally:
             run.release_lock()
         if summary.interrupted:
@@ -132,17 +131,17 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
     archive = run.open_archive()
     try:
         best_rows = archive.best_unique(1)
-        best = best_rows[0]["enthalpy_per_atom"] if best_rows else None
+        best = best_rows[0].enthalpy_per_atom if best_rows else None
         used = tuple(s.value for s in Status if s.used_potential)
-        rows = [r for r in archive.rows() if r["status"] in used]
-        started = min((r["created_at"] for r in archive.rows()), default=time.time())
+        rows = [r for r in archive.records() if r.status in used]
+        started = min((r.created_at for r in archive.records()), default=time.time())
         evaluations = [
             EvaluatedStructure(
-                structure_from_json(r["relaxed"]) if r["status"] == Status.RELAXED else None,
-                r["enthalpy_per_atom"] if r["status"] == Status.RELAXED else None,
-                r["finished_at"],
+                r.relaxed if r.status == Status.RELAXED else None,
+                r.enthalpy_per_atom if r.status == Status.RELAXED else None,
+                r.finished_at,
             )
-            for r in sorted(rows, key=lambda r: (r["finished_at"], r["id"]))
+            for r in sorted(rows, key=lambda r: (r.finished_at, r.id))
         ]
     finally:
         archive.close()
@@ -159,7 +158,7 @@ def _finished(run, budget: int, stop_at_energy: float | None) -> bool:
         if archive.count_used_potential() >= budget:
             return True
         best = archive.best_unique(1)
-        return stop_at_energy is not None and bool(best) and best[0]["enthalpy_per_atom"] <= stop_at_energy
+        return stop_at_energy is not None and bool(best) and best[0].enthalpy_per_atom <= stop_at_energy
     finally:
         archive.close()
 

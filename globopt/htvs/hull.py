@@ -59,31 +59,29 @@ class StabilityAnalysis:
         self.candidates: list[ScreenedCandidate] = []
         self.kinds: dict[int, str] = {}
         by_id: dict[int, ScreenedCandidate] = {}
-        for row in archive.rows("WHERE status != 'pending'"):
-            kind, template, substitution = parse_origin(row["origin"])
-            self.kinds[row["id"]] = kind
+        for row in archive.finished():
+            kind, template, substitution = parse_origin(row.origin)
+            self.kinds[row.id] = kind
             # An unconverged relaxation still gives an upper bound on the energy: it may stand on a hull
             # (its status says so in ranked.csv) rather than leave a chemical system without a reference.
-            relaxed = row["status"] in FINISHED_WITH_ENERGY and row["enthalpy_per_atom"] is not None
+            relaxed = row.status in FINISHED_WITH_ENERGY and row.enthalpy_per_atom is not None
             if relaxed:
-                energy = row["enthalpy_per_atom"] * row["n_atoms"]  # the energy at the run's pressure
-                formula = Composition(row["formula"]).reduced_formula
+                energy = row.enthalpy_per_atom * row.n_atoms  # the energy at the run's pressure
+                formula = Composition(row.formula).reduced_formula
                 label = template if kind != "htvs" else f"{formula} ({template})"
-                self.entries.append(
-                    PDEntry(Composition(row["formula"]), energy, name=label, attribute=row["id"])
-                )
+                self.entries.append(PDEntry(Composition(row.formula), energy, name=label, attribute=row.id))
             if kind != "htvs":
                 continue
             candidate = ScreenedCandidate(
-                id=row["id"],
+                id=row.id,
                 template=template,
                 substitution=substitution.split(" ")[0],
-                formula=Composition(row["formula"]).reduced_formula,
-                status=row["status"],
-                energy_per_atom=row["enthalpy_per_atom"] if relaxed else None,
-                spacegroup=row["spacegroup"],
-                duplicate_of=row["duplicate_of"],
-                note=row["reason"] or "",
+                formula=Composition(row.formula).reduced_formula,
+                status=row.status,
+                energy_per_atom=row.enthalpy_per_atom if relaxed else None,
+                spacegroup=row.spacegroup,
+                duplicate_of=row.duplicate_of,
+                note=row.reason or "",
             )
             self.candidates.append(candidate)
             by_id[candidate.id] = candidate

@@ -17,7 +17,7 @@ from pymatgen.io.cif import CifWriter
 
 from globopt.archive import Archive
 from globopt.htvs.hull import ScreenedCandidate, StabilityAnalysis
-from globopt.structure_codec import structure_from_json
+from globopt.observers import CommitObserver
 
 log = logging.getLogger("globopt")
 
@@ -38,6 +38,23 @@ RANKED_COLUMNS = [
 ]
 # Ternary hulls are drawn by pymatgen's plotter; systems with more elements get only ranked.csv rows.
 MAX_PLOTTED_ELEMENTS = 3
+
+
+class ScreenOutputs(CommitObserver):
+    """ranked.csv, stable/ and the hull plots, rewritten from the archive at the end of every session."""
+
+    label = "screen outputs"
+
+    def __init__(self, run_path: Path, config) -> None:
+        self.run_path = run_path
+        self.config = config
+
+    def run_finished(self, archive: Archive, interrupted: bool) -> None:
+        # a failure here must not hide the run's own outcome: the archive holds everything
+        try:
+            write_screen_outputs(self.run_path, archive, self.config)
+        except Exception:
+            log.exception("could not write the htvs outputs; `globopt report %s` retries", self.run_path)
 
 
 def write_screen_outputs(run_path: Path, archive: Archive, config) -> list[Path]:
@@ -108,7 +125,7 @@ def write_stable(
         if (folder / name).is_file():
             shutil.copy2(folder / name, staging / name)
         else:
-            structure = structure_from_json(archive.row(candidate.id)["relaxed"])
+            structure = archive.record(candidate.id).relaxed
             CifWriter(structure, symprec=0.1).write_file(staging / name)
         written.append(folder / name)
     old = folder.with_name(folder.name + ".old")

@@ -10,8 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pymatgen.core import Structure
+
 from globopt.candidate import Proposal
+from globopt.geometry import GeometryLimits
 from globopt.htvs.enumeration import Enumeration
+from globopt.htvs.limits import composition_limits, envelope_limits
 from globopt.search.base import SearchAlgorithm, SearchExhausted
 
 log = logging.getLogger("globopt")
@@ -21,9 +25,20 @@ class HtvsSearch(SearchAlgorithm):
     # The engine ends a run cleanly (not as an error) when a finite search is exhausted.
     finite = True
 
-    def __init__(self, enumeration: Enumeration, stop_after: int | None = None) -> None:
+    def __init__(
+        self,
+        enumeration: Enumeration,
+        stop_after: int | None = None,
+        min_distance_factor: float = 0.6,
+        volume_factor_range: tuple[float, float] = (0.4, 8.0),
+    ) -> None:
         self.enumeration = enumeration
         self.stop_after = stop_after
+        self.min_distance_factor = min_distance_factor
+        self.volume_factor_range = volume_factor_range
+        # the relaxation's guards need one set of limits for every composition the screen can produce
+        self.limits = envelope_limits(enumeration.elements, min_distance_factor, volume_factor_range)
+        self._limits_by_formula: dict[str, GeometryLimits] = {}
         self.block = 0
         self.index = 0
         self.proposed_count = 0
@@ -34,6 +49,15 @@ class HtvsSearch(SearchAlgorithm):
         """Structures the screen will propose at most (before charge/injectivity filters and duplicates)."""
         total = len(self.enumeration)
         return min(total, self.stop_after) if self.stop_after else total
+
+    def limits_for(self, structure: Structure) -> GeometryLimits:
+        """Each proposal is checked against the limits of its own composition (cached per formula)."""
+        formula = structure.composition.reduced_formula
+        if formula not in self._limits_by_formula:
+            self._limits_by_formula[formula] = composition_limits(
+                structure, self.min_distance_factor, self.volume_factor_range
+            )
+        return self._limits_by_formula[formula]
 
     def propose(self) -> Proposal:
         blocks = self.enumeration.blocks

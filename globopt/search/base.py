@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 from globopt.candidate import Evaluation, Proposal
 
 if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+    from globopt.geometry import GeometryLimits
     from globopt.search.random_stream import GeneratedStructure, RandomRecipe, RandomStream
 
 
@@ -19,6 +22,22 @@ class SearchAlgorithm(ABC):
     ``state_dict``/``load_state_dict`` as plain JSON, because the engine stores it in the same
     transaction as the archive rows; a resumed search continues the same search.
     """
+
+    # Geometry limits of the cells this search proposes: the relaxation's guards use them, and so does the
+    # check of every proposal unless ``limits_for`` is more specific (a screen over many compositions).
+    limits: GeometryLimits
+    # A finite search (an enumeration) ends the run normally when it runs out; others treat running out
+    # of proposals as an error.
+    finite: bool = False
+
+    @property
+    def size_hint(self) -> int | None:
+        """How many proposals a finite search makes at most (the progress display's total), else None."""
+        return None
+
+    def limits_for(self, structure: Structure) -> GeometryLimits:
+        """The limits a proposal is checked against before it is relaxed."""
+        return self.limits
 
     @abstractmethod
     def propose(self) -> Proposal:

@@ -8,28 +8,39 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from globopt.geometry import geometry_limits
 from globopt.search.base import SearchAlgorithm
 
 if TYPE_CHECKING:
     from globopt.config import RunConfig
-    from globopt.geometry import GeometryLimits
 
 
-def make_search(config: RunConfig, limits: GeometryLimits | None) -> SearchAlgorithm:
-    """The search algorithm ``config.mode`` names, set up from the config."""
+def make_search(config: RunConfig) -> SearchAlgorithm:
+    """The search algorithm ``config.mode`` names, set up from the config, with its geometry limits."""
+    checks = config.checks
     if config.mode == "htvs":
         from globopt.htvs.enumeration import Enumeration
         from globopt.htvs.search import HtvsSearch
         from surrogates.potentials import covered_elements
 
         covered = covered_elements(config.potential.kind, config.potential.model)
-        return HtvsSearch(Enumeration(config.htvs, covered), config.htvs.stop_after)
+        enumeration = Enumeration(config.htvs, covered)
+        return HtvsSearch(
+            enumeration, config.htvs.stop_after, checks.min_distance_factor, checks.volume_factor_range
+        )
     contents = config.cell_contents
+    # proportions only: the same limits hold for every cell size of a formula-unit range
+    limits = geometry_limits(
+        config.composition,
+        config.composition.values(),
+        checks.min_distance_factor,
+        checks.volume_factor_range,
+    )
     if config.mode == "random":
         from globopt.search.random_search import RandomSymmetricSearch
 
         return RandomSymmetricSearch(
-            contents, config.seed, config.random.spacegroups, config.random.volume_factor
+            contents, config.seed, config.random.spacegroups, config.random.volume_factor, limits
         )
     if config.mode == "ga":
         from globopt.search.ga import GeneticSearch

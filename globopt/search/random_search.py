@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from globopt.candidate import Proposal
+from globopt.geometry import GeometryLimits
 from globopt.search.base import SearchAlgorithm, SearchExhausted
 from globopt.search.pyxtal_sampling import compatible_spacegroups
 from globopt.search.random_stream import RandomStream
@@ -26,8 +27,13 @@ class RandomSymmetricSearch(SearchAlgorithm):
         seed: int,
         spacegroups: list[int] | None = None,
         volume_factor: float = 1.1,
+        limits: GeometryLimits | None = None,
     ) -> None:
-        """``contents``: every cell content allowed (several with a formula-unit range), drawn uniformly."""
+        """``contents``: every cell content allowed (several with a formula-unit range), drawn uniformly.
+
+        ``limits``: the geometry limits proposals are checked against (the pyxtal draws do not use them)."""
+        if limits is not None:
+            self.limits = limits
         buildable = [c for c in contents if compatible_spacegroups(list(c.values()), spacegroups)]
         if not buildable:
             where = f"among {spacegroups}" if spacegroups else "at all"

@@ -1,0 +1,110 @@
+"""Assembles the engine for one run from its config: the one place that knows what each mode needs.
+
+The engine itself holds only the loop and its durability rule. Which search proposes, which checks and
+limits apply, how proposals are chosen for relaxation (plain, or ranked by the surrogate), what each
+relaxation is told (early stop, known minima) and which observers react to a commit all follow from the
+config, here.
+"""
+
+from __future__ import annotations
+
+from globopt.config import RunConfig
+from globopt.engine import Budget, Engine
+from globopt.evaluator.early_stop import EarlyStopSettings
+from globopt.evaluator.evaluate import EvaluatorSettings
+from globopt.evaluator.known_minima import KnownMinimaSettings
+from globopt.evaluator.relax import RelaxSettings
+from globopt.observers import BestStructures, CommitObserver, ObjectiveValues, ProgressDisplay, ResultsTable
+from globopt.progress import Progress
+from globopt.rundir import RunDirectory
+from globopt.screening import ProposalScreen
+from globopt.search.base import SearchAlgorithm
+from globopt.search.factory import make_search
+
+
+def build_engine(config: RunConfig, run: RunDirectory, progress: Progress) -> Engine:
+    archive = run.open_archive()
+    search = make_search(config)
+    state = archive.load_state()
+    if state is not None:
+        search.load_state_dict(state)
+    observers: list[CommitObserver] = []
+    if config.objectives:
+        observers.append(ObjectiveValues(config.objectives))
+    selection = None
+    if config.surrogate.enabled:
+        selection = _surrogate_selection(config)
+        observers.append(selection)
+    observers += [
+        ResultsTable(run, config.objectives),
+        BestStructures(run, config.output.n_best),
+        ProgressDisplay(progress),
+    ]
+    if config.mode == "htvs":
+        from globopt.htvs.output import ScreenOutputs
+
+        observers.append(ScreenOutputs(run.path, config))
+    es = config.surrogate.early_stop
+    watch_minima = config.surrogate.enabled and es.enabled and es.known_minima
+    return Engine(
+        archive,
+        search,
+        ProposalScreen.from_config(search, config),
+        evaluator_settings(config, search),
+        Budget(
+            config.budget.evaluations,
+            config.budget.target_enthalpy_per_atom,
+            config.budget.force_calls,
+        ),
+        workers=config.workers,
+        selection=selection,
+        observers=observers,
+        known_minima_count=es.known_minima_count if watch_minima else 0,
+    )
+
+
+def evaluator_settings(config: RunConfig, search: SearchAlgorithm) -> EvaluatorSettings:
+    """What every worker needs to relax this run's candidates (picklable, sent once per worker)."""
+    early_stop = known_minima = None
+    es = config.surrogate.early_stop
+    if config.surrogate.enabled and es.enabled:
+        early_stop = EarlyStopSettings(margin=es.margin, min_steps=es.min_steps, window=es.window)
+        if es.known_minima:
+            dup = config.duplicates
+            known_minima = KnownMinimaSettings(
+                ltol=dup.ltol,
+                stol=dup.stol,
+                angle_tol=dup.angle_tol,
+                energy_window=es.known_minima_window,
+                max_force=es.known_minima_max_force,
+            )
+    limits = search.limits
+    return EvaluatorSettings(
+        potential=config.potential.model_dump(),
+        relax=RelaxSettings(
+            fmax=config.relax.fmax,
+            max_steps=config.relax.max_steps,
+            pressure_gpa=config.relax.pressure_gpa,
+            optimizer=config.relax.optimizer,
+            relax_cell=config.relax.relax_cell,
+            min_distance=limits.min_distance,
+            volume_per_atom_range=limits.volume_per_atom_range,
+        ),
+        symprec=config.analysis.symprec,
+        early_stop=early_stop,
+        known_minima=known_minima,
+        rattle=config.relax.rattle,
+        seed=config.seed,
+    )
+
+
+def _surrogate_selection(config: RunConfig):
+    from globopt import mpi
+    from surrogates.acquisition import SurrogateScreen
+    from surrogates.selection import SurrogateSelection
+
+    # several workers: results arrive in any order, so decisions depend on timing anyway, and a refit
+    # that blocks the master idles all of them (surrogates/gp.py)
+    background = mpi.master_active() or config.workers > 1
+    surrogate = SurrogateScreen.from_config(config, background_refit=background)
+    return SurrogateSelection(surrogate, config.surrogate.candidates_per_slot)

@@ -1,0 +1,129 @@
+"""Rank 0's half of the evaluator pipeline: geometry and duplicate checks before a relaxation, and the
+check of a relaxed structure against the minima already found.
+
+Two duplicate indexes are kept, both derived from the archive (never stored apart, so a resume rebuilds
+exactly what the killed run had): the *initial* structures of everything proposed and not screened out
+(a proposal matching one of them would repeat a relaxation), and the *relaxed* unique minima (a proposal
+matching one is already a minimum, and a relaxed structure matching one is the same minimum found again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymatgen.core import Structure
+
+from globopt.archive import SCREENED_OUT, Archive
+from globopt.candidate import Evaluation, Proposal, Status
+from globopt.duplicates import DuplicateIndex, lattice_minima, reduced_for_matching
+from globopt.geometry import geometry_problem
+from globopt.search.base import SearchAlgorithm
+
+
+@dataclass
+class Screened:
+    """A proposal that passed: the duplicate-index key and reduced cell, so indexing it costs nothing more."""
+
+    key: tuple
+    reduced: Structure
+
+
+@dataclass
+class ScreenedOut:
+    """Why a proposal is not relaxed (rejected by geometry, or a duplicate of ``duplicate_of``)."""
+
+    status: Status
+    reason: str
+    duplicate_of: int | None = None
+
+
+class ProposalScreen:
+    def __init__(
+        self,
+        search: SearchAlgorithm,
+        ltol: float,
+        stol: float,
+        angle_tol: float,
+        energy_tol: float,
+        symprec: float,
+    ) -> None:
+        self.search = search
+        self.initial_index = DuplicateIndex(ltol, stol, angle_tol, energy_tol, symprec)
+        self.relaxed_index = DuplicateIndex(
+            ltol, stol, angle_tol, energy_tol, symprec, bucket_by_spacegroup=False
+        )
+
+    @classmethod
+    def from_config(cls, search: SearchAlgorithm, config) -> ProposalScreen:
+        dup = config.duplicates
+        return cls(search, dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, config.analysis.symprec)
+
+    def rebuild(self, archive: Archive) -> list[tuple[float, int, str | None]]:
+        """Index every archived candidate; returns (enthalpy, id, space group) of each unique minimum."""
+        minima = []
+        # screened-out proposals were never relaxed: the search may propose them again
+        for record in archive.records(exclude=SCREENED_OUT):
+            self.initial_index.add(record.id, record.initial)
+            if record.status is Status.RELAXED and record.duplicate_of is None:
+                self.relaxed_index.add(record.id, record.relaxed, record.enthalpy_per_atom)
+                minima.append((record.enthalpy_per_atom, record.id, record.spacegroup))
+        return minima
+
+    def screen(self, proposal: Proposal) -> Screened | ScreenedOut:
+        """Geometry, then duplicates among the proposed and among the minima.
+
+        A proposal built on a worker arrives with its geometry verdict, key and reduced cell
+        (``Proposal.screening``), computed there with the same limits and symprec.
+        """
+        prepared = proposal.screening
+        if prepared is not None:
+            problem = prepared.geometry_problem
+        else:
+            problem = geometry_problem(proposal.structure, self.search.limits_for(proposal.structure))
+        if problem:
+            return ScreenedOut(Status.REJECTED, problem)
+        if prepared is not None and prepared.key is not None and prepared.reduced is not None:
+            key, reduced, minima = prepared.key, prepared.reduced, prepared.minima
+        else:
+            key = self.initial_index.key(proposal.structure)
+            reduced = reduced_for_matching(proposal.structure)
+            minima = lattice_minima(reduced)
+        match = self.initial_index.find(
+            proposal.structure, key=key, reduced=reduced, minima=minima
+        ) or self.relaxed_index.find(proposal.structure, reduced=reduced, minima=minima)
+        if match is not None:
+            return ScreenedOut(Status.DUPLICATE, f"same structure as candidate {match}", match)
+        return Screened(key, reduced)
+
+    def index_proposal(self, candidate_id: int, structure: Structure, screened: Screened) -> None:
+        """A proposal that will be relaxed: later proposals of the same structure are duplicates."""
+        self.initial_index.add(candidate_id, structure, key=screened.key, reduced=screened.reduced)
+
+    def classify_minimum(self, evaluation: Evaluation) -> tuple[int | None, int | None]:
+        """(duplicate_of, supersedes) for a relaxed structure.
+
+        A match means the same minimum was found before. If this copy is relaxed to a lower enthalpy it
+        becomes the minimum's representative (so best/ and the best-so-far show the lowest energy found),
+        and the old representative is marked as its duplicate.
+        """
+        structure, energy, candidate_id = (
+            evaluation.relaxed,
+            evaluation.enthalpy_per_atom,
+            evaluation.candidate_id,
+        )
+        reduced, minima = evaluation.relaxed_reduced, evaluation.relaxed_minima
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
+            minima = None
+        match = self.relaxed_index.find(structure, energy, reduced=reduced, minima=minima)
+        if match is None:
+            self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced)
+            return None, None
+        if energy < self.relaxed_index.energy_of(match):
+            self.relaxed_index.replace(match, candidate_id, structure, energy, reduced=reduced)
+            return None, match
+        return match, None
+
+    def lowest_minima(self, count: int) -> list[tuple]:
+        """The ``count`` lowest unique minima as (id, structure, enthalpy) entries (DuplicateIndex.lowest)."""
+        return self.relaxed_index.lowest(count)
