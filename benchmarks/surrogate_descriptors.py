@@ -1,4 +1,4 @@
-"""Which descriptor of an unrelaxed structure predicts its relaxed enthalpy best (issue 4)?
+"""Which descriptor of an unrelaxed structure predicts its relaxed enthalpy best?
 
 Held-out, expanding-window test on existing M3GNet search archives, pooled per composition: the relaxed
 candidates of all runs of one composition in commit (``finished_at``) order; candidate k is predicted from

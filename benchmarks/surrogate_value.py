@@ -43,8 +43,8 @@ HIT_TOLERANCE = 0.001  # eV/atom
 def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
     """Cell content searched and the known ground-state prototype (relaxed with the potential before use).
 
-    Rutile is the TiO2 reference here (as in the run reported in README); M3GNet-MP-2021.2.8 puts anatase
-    slightly lower, which the energy criterion also counts as a hit.
+    Rutile is the TiO2 reference here (as in the runs reported in docs/surrogate.md); M3GNet-MP-2021.2.8
+    puts anatase slightly lower, which the energy criterion also counts as a hit.
     """
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     rutile = Structure.from_spacegroup(
@@ -268,7 +268,7 @@ def force_calls_for_successes(results: list[dict]) -> list[dict]:
     so a run that hit after F cumulative force calls would also have hit under any force-call budget >= F,
     and a run that hit later (or not at all) would not. The k-th smallest force-calls-to-hit is therefore
     the force-call budget at which k of the n seeds succeed: "force evaluations to reach the same success
-    rate", the comparison issue 4 asks for, free of the relaxation budget that otherwise dominates the
+    rate", the fair comparison, free of the relaxation budget that otherwise dominates the
     totals through the failed runs. A level is censored (None) above the total of a failed run, whose
     search was cut off by the relaxation budget before it could show whether it would have hit.
     """

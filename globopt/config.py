@@ -27,8 +27,7 @@ from pydantic_core import PydanticCustomError
 from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
 from globopt.htvs.settings import HtvsConfig, resolve_paths
 from globopt.search.operators import OPERATORS
-
-DEFAULT_MODEL = "M3GNet-MP-2021.2.8-PES"
+from surrogates.m3gnet import DEFAULT_MODEL
 
 
 class ConfigError(ValueError):

@@ -8,8 +8,8 @@ exploration (structures unlike anything relaxed so far); the others are recorded
 The surrogate learns only from the archive: every relaxed candidate contributes (descriptor of its
 *initial* structure, relaxed enthalpy per atom), in commit order. On resume it is rebuilt from the archive
 rows in the same order, so there is no separate surrogate state that could go stale (see gp.py for why
-the rebuilt model makes the same decisions). Also tried, and dropped because it did not help (README,
-Surrogate): teaching the GP each relaxed structure itself, and the projected enthalpy of relaxations
+the rebuilt model makes the same decisions). Also tried, and dropped because it did not help
+(docs/surrogate.md): teaching the GP each relaxed structure itself, and the projected enthalpy of relaxations
 stopped early.
 
 Two acquisition functions (``surrogate.acquisition``):
@@ -18,7 +18,7 @@ Two acquisition functions (``surrogate.acquisition``):
 * ``ei``: highest expected improvement below the best enthalpy found so far,
   ``E[max(0, best - y)]`` under the predictive Gaussian. A proposal confidently predicted to relax to
   the best known minimum (a near copy of it) has nearly zero EI, while LCB ranks it first. Such a
-  relaxation can only rediscover that minimum. On 8-atom ZnO (README, Surrogate) it gained nothing
+  relaxation can only rediscover that minimum. On 8-atom ZnO (docs/surrogate.md) it gained nothing
   over LCB, because most proposals get nearly the prior's mu and sigma and both functions then agree;
   LCB stays the default.
 """

@@ -338,6 +338,9 @@ class _Posterior:
     gpytorch fits the hyperparameters; between refits this class conditions on new points at O(n^2)
     (exact: the Cholesky factor is extended by one row) or O(m^2) (sparse: the m x m system of the SGPR/DTC
     predictive equations gets a rank-one update), instead of refactorising from scratch every step.
+    tests/test_surrogate.py checks it against gpytorch's own posterior: the exact one equals gpytorch's;
+    the sparse one is Titsias' SGPR predictive (gpytorch's mean without its diagonal correction, and a
+    variance that keeps the Nystrom gap k** - Q** at the test point).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""M3GNet embedding of an *unrelaxed* structure as a surrogate descriptor (issue 4).
+"""M3GNet embedding of an *unrelaxed* structure as a surrogate descriptor.
 
 One forward pass of the run's M3GNet potential (no forces, no stress, no relaxation) yields two things that
 may say more about the relaxed enthalpy than a hand-made fingerprint:

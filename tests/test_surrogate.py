@@ -198,6 +198,53 @@ def test_sparse_gp_agrees_with_exact_gp_on_small_data(cuau_data) -> None:
     assert np.all(sigma_sparse > 0)
 
 
+@pytest.mark.parametrize("sparse_above", [1000, 40], ids=["exact", "sparse"])
+def test_closed_form_posterior_equals_gpytorchs(cuau_data, sparse_above: int) -> None:
+    """The posterior grown one point at a time in gp.py against gpytorch's own, same hyperparameters.
+
+    Exact GP: gpytorch's predictive mean and variance. Sparse GP: gp.py uses Titsias' SGPR predictive (as
+    GPflow's SGPR does); its mean is gpytorch's with sgpr_diagonal_correction off, and its variance adds the
+    Nystrom gap k** - Q** at the test points, which gpytorch's projected variance leaves out.
+    """
+    import gpytorch
+    import torch
+
+    from surrogates.gp import _exact_solves
+
+    x, y, _ = cuau_data
+    gp = GPSurrogate(GPSettings(min_points=10, sparse_above=sparse_above, inducing_points=25))
+    for row, energy in zip(x[:90], y[:90], strict=True):
+        gp.add(row, energy)
+    gp.predict(x[:1])  # fit on the scheduled size, then condition on the rest one point at a time
+    for row, energy in zip(x[90:95], y[90:95], strict=True):
+        gp.add(row, energy)
+    mu, sigma = gp.predict(x[100:])
+    assert gp.sparse == (sparse_above == 40) and gp._fitted_on == 90 and len(gp) == 95
+
+    model, likelihood = gp._model, gp._likelihood
+    train_x = torch.as_tensor(gp._x_scaler.transform(np.vstack(gp._x)))
+    train_y = torch.as_tensor(gp._y_scaler.transform(np.asarray(gp._y)[:, None])[:, 0])
+    test_x = torch.as_tensor(gp._x_scaler.transform(x[100:]))
+    model.set_train_data(train_x, train_y, strict=False)
+    model.eval()
+    likelihood.eval()
+    with (
+        torch.no_grad(),
+        _exact_solves(),
+        gpytorch.settings.fast_pred_var(False),
+        gpytorch.settings.sgpr_diagonal_correction(False),
+    ):
+        predicted = likelihood(model(test_x))
+        variance = predicted.variance.numpy()
+        if gp.sparse:
+            full = model.covar_module_base(test_x, diag=True).numpy()
+            projected = model.covar_module(test_x, diag=True).numpy()
+            variance = variance + (full - projected)
+    scale, offset = float(gp._y_scaler.scale_[0]), float(gp._y_scaler.mean_[0])
+    np.testing.assert_allclose(mu, predicted.mean.numpy() * scale + offset, atol=1e-6)
+    np.testing.assert_allclose(sigma, np.sqrt(variance) * scale, rtol=1e-5, atol=1e-7)
+
+
 def test_background_refit_keeps_ranking_and_then_matches_the_foreground_fit(cuau_data) -> None:
     x, y, _ = cuau_data
     settings = GPSettings(min_points=10, refit_every=10, refit_growth=0.1)

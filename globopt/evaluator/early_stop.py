@@ -13,7 +13,7 @@ never less: the projection errs towards letting a relaxation go on. Only a proje
 ``best + margin`` stops it. No decision is taken before the two windows exist (``2 * window + 1``
 enthalpies, whatever ``min_steps`` says): before that the projection would be the current enthalpy, and
 on 12-atom TiO2 the current enthalpy at step 20 was up to 2 eV/atom above where the relaxation ended;
-stopping on it cost the search its hits (README, Surrogate).
+stopping on it cost the search its hits (docs/surrogate.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ somewhere else), and a largest force below ``max_force`` (still steep means it m
 That is not safe next to a metastable minimum. On 8-atom ZnO a relaxation sat on a known metastable
 minimum's geometry down to 0.05 eV/Å and then slid into wurtzite, 53 meV/atom lower, and the two structures
 match each other under the duplicate tolerances. Stopping it there lost the search its ground state. That
-is why the watch is off by default; README (Surrogate) has the measurement.
+is why the watch is off by default; docs/surrogate.md has the measurement.
 """
 
 from __future__ import annotations

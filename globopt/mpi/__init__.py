@@ -5,7 +5,8 @@ Why it is built this way
 * Rank 0 (the master) runs the ordinary engine: search, archive, run directory, progress. It reaches the
   worker ranks only through :class:`WorkerPool`, wrapped by ``globopt.scheduler.MPIScheduler``, so the
   engine cannot tell MPI from the local pool. Steady state: a result frees its rank and the engine hands
-  that rank the next candidate at once; there is no generation barrier. capacity = live worker ranks.
+  that rank the next candidate at once; there is no generation barrier. The pool's capacity is the number
+  of live worker ranks; MPIScheduler keeps one more task queued per rank on top of it.
 * Worker ranks receive ``EvaluatorSettings`` once, load the potential once (``prepare_worker``), then
   loop: task -> ``evaluate`` -> result, until rank 0 says stop. Every exit path of rank 0 (normal end,
   exception, exit code 2, Ctrl-C, SIGTERM) releases them, so a bad config never leaves workers hanging.
