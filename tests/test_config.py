@@ -135,5 +135,5 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 
 
 def test_bundled_examples_are_valid(models_dir: Path) -> None:
-    for path in sorted(Path(__file__).resolve().parents[1].glob("runs/*.yaml")):
+    for path in sorted(Path(__file__).resolve().parents[1].glob("runs/examples/*.yaml")):
         assert isinstance(load_config(path), RunConfig)

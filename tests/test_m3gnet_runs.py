@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bundled_example_finds_rock_salt(tmp_path: Path, models_dir: Path) -> None:
-    """The README's run command: runs/nacl.yaml must find Fm-3m NaCl within its budget."""
+    """The README's run command: runs/examples/nacl.yaml must find Fm-3m NaCl within its budget."""
     config = tmp_path / "nacl.yaml"
-    shutil.copy(REPO / "runs" / "nacl.yaml", config)
+    shutil.copy(REPO / "runs" / "examples" / "nacl.yaml", config)
     out = tmp_path / "nacl"
     assert main(["run", str(config), "--out", str(out)]) == 0
     best = sorted((out / "best").glob("*.cif"))
