@@ -1,1 +1,5 @@
-"""Energy models: the M3GNet wrapper, other ASE calculators, and (later) Gaussian-process surrogates."""
+"""Surrogates of the quantum-mechanical energy.
+
+The interatomic potentials the engine relaxes with (M3GNet, any ASE calculator), and the Gaussian-process
+surrogate that ranks proposals before any of them is relaxed.
+"""
