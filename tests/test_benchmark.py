@@ -90,6 +90,11 @@ def _suite(tmp_path: Path, **changes) -> Path:
           "entry_coords": None}, "missing.cif does not exist"),
         ({"entry_polymorphs": [{"name": "wrong", "spacegroup": "Fm-3m", "lattice": {"a": 4.2},
           "species": ["Mg", "O"], "coords": [[0, 0, 0], [0.5, 0.5, 0.5]]}]}, "polymorph wrong: composition"),
+        # wurtzite NaCl has 2 formula units per primitive cell: the 1-unit rock-salt cell cannot hold it
+        ({"entry_polymorphs": [{"name": "wurtzite", "spacegroup": "P6_3mc", "lattice": {"a": 4.3, "c": 7.0},
+          "species": ["Na", "Cl"], "coords": [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.38]]}]},
+         "polymorph wurtzite: its primitive cell has 2 formula units, which do not divide the 1"),
+        ({"entry_coords": [[0, 0, 0], [0, 0, 1e-9]]}, "Na and Cl sit on the same spot"),
     ],
 )  # fmt: skip
 def test_bad_suites_are_named(tmp_path: Path, changes: dict, message: str) -> None:
