@@ -16,6 +16,7 @@ from globopt.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 STANDARD = REPO / "benchmarks" / "suites" / "standard.yaml"
+HARD = REPO / "benchmarks" / "suites" / "hard.yaml"
 
 # Cell contents of the bundled suite from the textbook prototypes: the primitive cell unless an entry
 # asks for the conventional one.
@@ -49,6 +50,42 @@ def test_bundled_suite_builds_the_known_prototypes() -> None:
         assert distances.min() > 1.7, f"{entry.name}: atoms too close, wrong Wyckoff setting?"
     anatase = suite.select(["TiO2"])[0].polymorphs["anatase"]
     assert anatase.get_space_group_info(symprec=0.01)[1] == 141 and len(anatase) == 6
+
+
+# The hard suite: searched cell (atoms), space group of the given structure, and its listed polymorphs
+# with their space groups.
+HARD_ENTRIES = {
+    "Al2O3": (10, 167, {}), "MgTiO3": (10, 148, {}), "SrTiO3-10": (10, 221, {}),
+    "Ga2O3": (10, 12, {"corundum": 167}), "CaCO3": (10, 167, {}),
+    "TiO2-12": (12, 141, {"rutile": 136, "columbite": 60}),
+    "ZrO2": (12, 14, {"tetragonal": 137, "cubic": 225}), "FeS2": (12, 205, {"marcasite": 58}),
+    "Cu2O-12": (12, 224, {}), "Li2O-12": (12, 225, {}), "CaF2-12": (12, 225, {}), "LiCoO2-12": (12, 166, {}),
+    "MgAl2O4": (14, 227, {}), "Si3N4": (14, 176, {}), "GaN-16": (16, 186, {"zinc blende": 216}),
+    "ZnO-16": (16, 186, {"zinc blende": 216}), "SiO2-18": (18, 154, {}),
+    "CaTiO3": (20, 62, {"cubic": 221}), "Mg2SiO4": (28, 62, {"ringwoodite": 227}),
+}  # fmt: skip
+
+
+def test_hard_suite_builds_every_entry_with_its_space_group_and_size() -> None:
+    suite = load_suite(HARD)
+    assert suite.spec.name == "hard" and suite.spec.budget == 300 and suite.spec.seeds == [0, 1, 2, 3, 4]
+    assert suite.spec.modes == ["random", "ga", "pso", "ase-ga"]
+    assert suite.spec.search == {}, "the hard suite measures the product's default search settings"
+    assert [e.name for e in suite.entries] == list(HARD_ENTRIES)
+    for entry in suite.entries:
+        atoms, group, polymorphs = HARD_ENTRIES[entry.name]
+        assert len(entry.structure) == atoms, entry.name
+        assert entry.structure.get_space_group_info(symprec=0.01)[1] == group, entry.name
+        distances = entry.structure.distance_matrix + 10 * (entry.structure.distance_matrix == 0)
+        assert distances.min() > 1.2, f"{entry.name}: atoms too close, wrong Wyckoff setting?"
+        assert {k: p.get_space_group_info(symprec=0.01)[1] for k, p in entry.polymorphs.items()} == polymorphs
+        units = entry.structure.composition.get_reduced_composition_and_factor()[1]
+        for name, polymorph in entry.polymorphs.items():
+            needed = polymorph.get_primitive_structure().composition.get_reduced_composition_and_factor()[1]
+            assert units % needed == 0, f"{entry.name}: polymorph {name} does not fit the searched cell"
+    # quartz is typed with Si at z = 0.6666667: its symmetry copies on the cell faces are one atom each
+    quartz = suite.select(["SiO2-18"])[0].structure
+    assert quartz.composition.as_dict() == {"Si": 6, "O": 12}
 
 
 @pytest.mark.parametrize(
