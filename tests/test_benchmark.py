@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import statistics
 from pathlib import Path
 
 import pytest
@@ -308,3 +310,102 @@ def test_reference_is_the_lowest_known_polymorph(models_dir: Path) -> None:
     assert energies["anatase"] == pytest.approx(-8.9545, abs=2e-3)
     assert reference.best.label == "anatase" and reference.best.spacegroup == "I4_1/amd"
 
+
+def _archive_evaluations(run_dir: Path) -> list[sqlite3.Row]:
+    """A globopt run's relaxations as the archive holds them, in the order they finished (read directly)."""
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    db.row_factory = sqlite3.Row
+    free = ("pending", "rejected", "duplicate", "skipped")  # statuses that cost no relaxation
+    marks = ",".join("?" * len(free))
+    rows = db.execute(
+        f"SELECT * FROM candidates WHERE status NOT IN ({marks}) ORDER BY finished_at, id", free
+    ).fetchall()
+    db.close()
+    return rows
+
+
+def test_force_calls_and_hit_origins_are_those_of_the_run_records(tmp_path: Path) -> None:
+    """Force calls to the first hit = the archive's n_force_calls summed up to the hit; the hit's origin is
+    the archive's origin of that row (ase-ga: its operator); totals and medians add up; an ase-ga record
+    written before these fields existed is read back (origins from its database) instead of failing."""
+    pytest.importorskip("ase_ga")
+    suite = tmp_path / "emt.yaml"
+    suite.write_text(yaml.safe_dump({**EMT_SUITE, "budget": 8, "seeds": [1, 2]}))
+    out = tmp_path / "out"
+    command = ["benchmark", str(suite), "--modes", "random", "ga", "pso", "ase-ga", "--out", str(out)]
+    # the whole budget, so a run's total is more than its cost to the first hit whenever it hit early
+    assert main([*command, "--full-budget"]) == 0
+    document = json.loads((out / "benchmark.json").read_text())
+    runs = document["runs"]
+    assert len(runs) == 8 and all(r["evaluations"] == 8 for r in runs)
+    assert sum(r["hit"] for r in runs) >= 4, "too few hits for the test to mean anything"
+    assert any(r["hit"] and r["evaluations_to_hit"] > 1 for r in runs if r["mode"] != "ase-ga")
+
+    for run in runs:
+        run_dir = Path(run["run_dir"])
+        if run["mode"] == "ase-ga":
+            stored = json.loads((run_dir / "evaluations.json").read_text())["evaluations"]
+            calls = [e["force_calls"] for e in stored]
+            origins = [e["origin"] for e in stored]
+            assert origins[:2] == ["ase-ga:start"] * 2  # the start population (population_size 2)
+            operators = {"ase-ga:pairing", "ase-ga:soft", "ase-ga:strain", "ase-ga:permutation"}
+            assert set(origins[2:]) <= operators
+        else:
+            rows = _archive_evaluations(run_dir)
+            calls = [r["n_force_calls"] for r in rows]
+            origins = [r["origin"] for r in rows]
+            assert origins[0].startswith(f"{run['mode']}:")
+        assert len(calls) == run["evaluations"] and all(c > 0 for c in calls)
+        assert run["force_calls_total"] == sum(calls)
+        if run["hit"]:
+            k = run["evaluations_to_hit"]
+            assert run["force_calls_to_hit"] == sum(calls[:k])
+            assert run["hit_origin"] == origins[k - 1]
+            assert run["hit_origin_class"] == origin_class(origins[k - 1])
+            if k < run["evaluations"]:
+                assert run["force_calls_to_hit"] < run["force_calls_total"]
+        else:
+            assert run["force_calls_to_hit"] is None and run["hit_origin"] is None
+
+    summary = document["summary"]
+    for row in summary["per_entry"]:
+        mine = [r for r in runs if r["mode"] == row["mode"]]
+        to_hit = [r["force_calls_to_hit"] for r in mine if r["hit"]]
+        assert row["median_force_calls_to_hit"] == (statistics.median(to_hit) if to_hit else None)
+        assert row["total_force_calls"] == sum(r["force_calls_total"] for r in mine)
+        assert row["runs_without_force_calls"] == 0
+    overall = {row["mode"]: row for row in summary["overall"]}
+    origins = summary["first_hit_origins"]
+    for mode in ("random", "ga", "pso", "ase-ga"):
+        mine = [r for r in runs if r["mode"] == mode]
+        assert sum(origins[mode].values()) == sum(r["hit"] for r in mine)
+        assert overall[mode]["total_force_calls"] == sum(r["force_calls_total"] for r in mine)
+    assert set(origins["random"]) <= {"random"}
+    table = (out / "benchmark.md").read_text()
+    assert "## Where the first hits came from" in table
+    ase_hits = [r for r in runs if r["mode"] == "ase-ga" and r["hit"]]
+    assert f"| ase-ga | {len(ase_hits)} |" in table
+    assert f"{overall['ase-ga']['total_force_calls']:,} fc" in table
+
+    # an ase-ga record from before force calls and origins were stored: read back, not searched again
+    for seed in (1, 2):
+        record = out / "runs" / f"Cu3Au-ase-ga-s{seed}" / "evaluations.json"
+        data = json.loads(record.read_text())
+        for e in data["evaluations"]:
+            del e["force_calls"], e["origin"], e["seconds"]
+        record.write_text(json.dumps(data))
+    assert main([*command, "--full-budget"]) == 0
+    again = json.loads((out / "benchmark.json").read_text())
+    before = {(r["mode"], r["seed"]): r for r in runs}
+    for run in again["runs"]:
+        old = before[(run["mode"], run["seed"])]
+        assert (run["hit"], run["evaluations_to_hit"], run["hit_origin"]) == (
+            old["hit"], old["evaluations_to_hit"], old["hit_origin"]
+        )  # fmt: skip
+        if run["mode"] == "ase-ga":
+            assert run["force_calls_total"] is None and run["force_calls_to_hit"] is None
+        else:
+            assert run["force_calls_total"] == old["force_calls_total"]
+    ase = next(row for row in again["summary"]["overall"] if row["mode"] == "ase-ga")
+    assert ase["runs_without_force_calls"] == 2 and ase["total_force_calls"] == 0
+    assert "0 fc (2 runs unrecorded)" in (out / "benchmark.md").read_text()
