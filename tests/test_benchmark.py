@@ -409,3 +409,12 @@ def test_force_calls_and_hit_origins_are_those_of_the_run_records(tmp_path: Path
     ase = next(row for row in again["summary"]["overall"] if row["mode"] == "ase-ga")
     assert ase["runs_without_force_calls"] == 2 and ase["total_force_calls"] == 0
     assert "0 fc (2 runs unrecorded)" in (out / "benchmark.md").read_text()
+
+    # read with a smaller budget, a finished globopt run is scored on its first relaxations only
+    shorter = ["benchmark", str(suite), "--modes", "random", "ga", "pso", "--out", str(out), "--budget", "3"]
+    assert main([*shorter, "--full-budget"]) == 0
+    for run in json.loads((out / "benchmark.json").read_text())["runs"]:
+        old = before[(run["mode"], run["seed"])]
+        calls = [r["n_force_calls"] for r in _archive_evaluations(Path(run["run_dir"]))]
+        assert len(calls) == 8 and run["evaluations"] == 3 and run["force_calls_total"] == sum(calls[:3])
+        assert run["hit"] == (old["hit"] and old["evaluations_to_hit"] <= 3)
