@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 from pymatgen.core import Lattice, Structure
 
-from globopt.benchmark.hits import EvaluatedStructure, first_hit
+from globopt.benchmark.hits import EvaluatedStructure, first_hit, origin_class
 from globopt.benchmark.suite import load_suite
 from globopt.cli import main
 from globopt.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 STANDARD = REPO / "benchmarks" / "suites" / "standard.yaml"
+HARD = REPO / "benchmarks" / "suites" / "hard.yaml"
 
 # Cell contents of the bundled suite from the textbook prototypes: the primitive cell unless an entry
 # asks for the conventional one.
@@ -49,6 +52,42 @@ def test_bundled_suite_builds_the_known_prototypes() -> None:
         assert distances.min() > 1.7, f"{entry.name}: atoms too close, wrong Wyckoff setting?"
     anatase = suite.select(["TiO2"])[0].polymorphs["anatase"]
     assert anatase.get_space_group_info(symprec=0.01)[1] == 141 and len(anatase) == 6
+
+
+# The hard suite: searched cell (atoms), space group of the given structure, and its listed polymorphs
+# with their space groups.
+HARD_ENTRIES = {
+    "Al2O3": (10, 167, {}), "MgTiO3": (10, 148, {}), "SrTiO3-10": (10, 221, {}),
+    "Ga2O3": (10, 12, {"corundum": 167}), "CaCO3": (10, 167, {}),
+    "TiO2-12": (12, 141, {"rutile": 136, "columbite": 60}),
+    "ZrO2": (12, 14, {"tetragonal": 137, "cubic": 225}), "FeS2": (12, 205, {"marcasite": 58}),
+    "Cu2O-12": (12, 224, {}), "Li2O-12": (12, 225, {}), "CaF2-12": (12, 225, {}), "LiCoO2-12": (12, 166, {}),
+    "MgAl2O4": (14, 227, {}), "Si3N4": (14, 176, {}), "GaN-16": (16, 186, {"zinc blende": 216}),
+    "ZnO-16": (16, 186, {"zinc blende": 216}), "SiO2-18": (18, 154, {}),
+    "CaTiO3": (20, 62, {"cubic": 221}), "Mg2SiO4": (28, 62, {"ringwoodite": 227}),
+}  # fmt: skip
+
+
+def test_hard_suite_builds_every_entry_with_its_space_group_and_size() -> None:
+    suite = load_suite(HARD)
+    assert suite.spec.name == "hard" and suite.spec.budget == 300 and suite.spec.seeds == [0, 1, 2, 3, 4]
+    assert suite.spec.modes == ["random", "ga", "pso", "ase-ga"]
+    assert suite.spec.search == {}, "the hard suite measures the product's default search settings"
+    assert [e.name for e in suite.entries] == list(HARD_ENTRIES)
+    for entry in suite.entries:
+        atoms, group, polymorphs = HARD_ENTRIES[entry.name]
+        assert len(entry.structure) == atoms, entry.name
+        assert entry.structure.get_space_group_info(symprec=0.01)[1] == group, entry.name
+        distances = entry.structure.distance_matrix + 10 * (entry.structure.distance_matrix == 0)
+        assert distances.min() > 1.2, f"{entry.name}: atoms too close, wrong Wyckoff setting?"
+        assert {k: p.get_space_group_info(symprec=0.01)[1] for k, p in entry.polymorphs.items()} == polymorphs
+        units = entry.structure.composition.get_reduced_composition_and_factor()[1]
+        for name, polymorph in entry.polymorphs.items():
+            needed = polymorph.get_primitive_structure().composition.get_reduced_composition_and_factor()[1]
+            assert units % needed == 0, f"{entry.name}: polymorph {name} does not fit the searched cell"
+    # quartz is typed with Si at z = 0.6666667: its symmetry copies on the cell faces are one atom each
+    quartz = suite.select(["SiO2-18"])[0].structure
+    assert quartz.composition.as_dict() == {"Si": 6, "O": 12}
 
 
 @pytest.mark.parametrize(
@@ -90,6 +129,11 @@ def _suite(tmp_path: Path, **changes) -> Path:
           "entry_coords": None}, "missing.cif does not exist"),
         ({"entry_polymorphs": [{"name": "wrong", "spacegroup": "Fm-3m", "lattice": {"a": 4.2},
           "species": ["Mg", "O"], "coords": [[0, 0, 0], [0.5, 0.5, 0.5]]}]}, "polymorph wrong: composition"),
+        # wurtzite NaCl has 2 formula units per primitive cell: the 1-unit rock-salt cell cannot hold it
+        ({"entry_polymorphs": [{"name": "wurtzite", "spacegroup": "P6_3mc", "lattice": {"a": 4.3, "c": 7.0},
+          "species": ["Na", "Cl"], "coords": [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.38]]}]},
+         "polymorph wurtzite: its primitive cell has 2 formula units, which do not divide the 1"),
+        ({"entry_coords": [[0, 0, 0], [0, 0, 1e-9]]}, "Na and Cl sit on the same spot"),
     ],
 )  # fmt: skip
 def test_bad_suites_are_named(tmp_path: Path, changes: dict, message: str) -> None:
@@ -114,12 +158,19 @@ def test_hit_by_structure_or_by_energy() -> None:
     shifted_supercell.translate_sites(list(range(len(shifted_supercell))), [0.1, 0.2, 0.3])
     reference_energy = -3.3675
     evaluations = [
-        EvaluatedStructure(None, None, 10.0),  # a failed relaxation still uses up the budget
-        EvaluatedStructure(caesium_chloride, -3.30, 11.0),
-        EvaluatedStructure(shifted_supercell, -3.3600, 12.0),  # same structure, a looser relaxation
+        # a failed relaxation still uses up the budget, and its force calls count
+        EvaluatedStructure(None, None, 10.0, force_calls=40, origin="ga:init:sg221"),
+        EvaluatedStructure(caesium_chloride, -3.30, 11.0, force_calls=25, origin="ga:init:sg225"),
+        # same structure, a looser relaxation
+        EvaluatedStructure(shifted_supercell, -3.3600, 12.0, force_calls=31, origin="ga:heredity"),
+        EvaluatedStructure(rock_salt, -3.3675, 13.0, force_calls=7, origin="ga:soft"),
     ]
     hit = first_hit(evaluations, rock_salt, reference_energy, 0.001, started_at=9.0)
     assert hit is not None and (hit.evaluations, hit.seconds) == (3, 3.0)
+    assert (hit.force_calls, hit.origin) == (40 + 25 + 31, "ga:heredity")
+    # one relaxation without a force-call record (an older ase-ga record) makes the sum unknown, not smaller
+    evaluations[1].force_calls = None
+    assert first_hit(evaluations, rock_salt, reference_energy, 0.001, 9.0).force_calls is None
     # a structure that does not match but is as low as the reference (a degenerate polymorph) also counts
     lower = [EvaluatedStructure(caesium_chloride, reference_energy + 0.0005, 10.0)]
     assert first_hit(lower, rock_salt, reference_energy, 0.001, started_at=9.0).evaluations == 1
@@ -130,6 +181,26 @@ def test_hit_by_structure_or_by_energy() -> None:
     assert (
         first_hit([EvaluatedStructure(strained, -3.2, 1.0)], rock_salt, reference_energy, 0.001, 0.0) is None
     )
+
+
+@pytest.mark.parametrize(
+    ("origin", "expected"),
+    [
+        ("ga:init:sg12", "init"), ("pso:init:sg225", "init"), ("ase-ga:start", "init"),
+        ("ga:immigrant:sg62", "immigrant"), ("pso:immigrant:sg2", "immigrant"),
+        ("pso:regen:sg14", "pso-regen"),
+        ("ga:heredity", "heredity"), ("ase-ga:pairing", "heredity"),
+        ("ga:lattice_strain", "lattice_strain"), ("ase-ga:strain", "lattice_strain"),
+        ("ga:permutation", "permutation"), ("ase-ga:permutation", "permutation"),
+        ("ga:coordinate", "coordinate"), ("ga:soft", "soft"), ("ase-ga:soft", "soft"),
+        ("pso:move:p3", "pso-move"), ("random:sg166", "random"), ("generator:diffusion", "generator"),
+        ("ga:twinning", "ga:twinning"), ("", "unknown"), (None, "unknown"),
+    ],
+)  # fmt: skip
+def test_origins_fall_into_operator_classes(origin: str | None, expected: str) -> None:
+    """The labels the searches write into the archive (and ase-ga's operators) map onto shared classes; an
+    operator the mapping does not know keeps its own label rather than inflating another class."""
+    assert origin_class(origin) == expected
 
 
 def test_wurtzite_does_not_match_its_layered_hexagonal_neighbour() -> None:
@@ -238,3 +309,112 @@ def test_reference_is_the_lowest_known_polymorph(models_dir: Path) -> None:
     assert energies["given"] == pytest.approx(-8.9427, abs=2e-3)
     assert energies["anatase"] == pytest.approx(-8.9545, abs=2e-3)
     assert reference.best.label == "anatase" and reference.best.spacegroup == "I4_1/amd"
+
+
+def _archive_evaluations(run_dir: Path) -> list[sqlite3.Row]:
+    """A globopt run's relaxations as the archive holds them, in the order they finished (read directly)."""
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    db.row_factory = sqlite3.Row
+    free = ("pending", "rejected", "duplicate", "skipped")  # statuses that cost no relaxation
+    marks = ",".join("?" * len(free))
+    rows = db.execute(
+        f"SELECT * FROM candidates WHERE status NOT IN ({marks}) ORDER BY finished_at, id", free
+    ).fetchall()
+    db.close()
+    return rows
+
+
+def test_force_calls_and_hit_origins_are_those_of_the_run_records(tmp_path: Path) -> None:
+    """Force calls to the first hit = the archive's n_force_calls summed up to the hit; the hit's origin is
+    the archive's origin of that row (ase-ga: its operator); totals and medians add up; an ase-ga record
+    written before these fields existed is read back (origins from its database) instead of failing."""
+    pytest.importorskip("ase_ga")
+    suite = tmp_path / "emt.yaml"
+    suite.write_text(yaml.safe_dump({**EMT_SUITE, "budget": 8, "seeds": [1, 2]}))
+    out = tmp_path / "out"
+    command = ["benchmark", str(suite), "--modes", "random", "ga", "pso", "ase-ga", "--out", str(out)]
+    # the whole budget, so a run's total is more than its cost to the first hit whenever it hit early
+    assert main([*command, "--full-budget"]) == 0
+    document = json.loads((out / "benchmark.json").read_text())
+    runs = document["runs"]
+    assert len(runs) == 8 and all(r["evaluations"] == 8 for r in runs)
+    assert sum(r["hit"] for r in runs) >= 4, "too few hits for the test to mean anything"
+    assert any(r["hit"] and r["evaluations_to_hit"] > 1 for r in runs if r["mode"] != "ase-ga")
+
+    for run in runs:
+        run_dir = Path(run["run_dir"])
+        if run["mode"] == "ase-ga":
+            stored = json.loads((run_dir / "evaluations.json").read_text())["evaluations"]
+            calls = [e["force_calls"] for e in stored]
+            origins = [e["origin"] for e in stored]
+            assert origins[:2] == ["ase-ga:start"] * 2  # the start population (population_size 2)
+            operators = {"ase-ga:pairing", "ase-ga:soft", "ase-ga:strain", "ase-ga:permutation"}
+            assert set(origins[2:]) <= operators
+        else:
+            rows = _archive_evaluations(run_dir)
+            calls = [r["n_force_calls"] for r in rows]
+            origins = [r["origin"] for r in rows]
+            assert origins[0].startswith(f"{run['mode']}:")
+        assert len(calls) == run["evaluations"] and all(c > 0 for c in calls)
+        assert run["force_calls_total"] == sum(calls)
+        if run["hit"]:
+            k = run["evaluations_to_hit"]
+            assert run["force_calls_to_hit"] == sum(calls[:k])
+            assert run["hit_origin"] == origins[k - 1]
+            assert run["hit_origin_class"] == origin_class(origins[k - 1])
+            if k < run["evaluations"]:
+                assert run["force_calls_to_hit"] < run["force_calls_total"]
+        else:
+            assert run["force_calls_to_hit"] is None and run["hit_origin"] is None
+
+    summary = document["summary"]
+    for row in summary["per_entry"]:
+        mine = [r for r in runs if r["mode"] == row["mode"]]
+        to_hit = [r["force_calls_to_hit"] for r in mine if r["hit"]]
+        assert row["median_force_calls_to_hit"] == (statistics.median(to_hit) if to_hit else None)
+        assert row["total_force_calls"] == sum(r["force_calls_total"] for r in mine)
+        assert row["runs_without_force_calls"] == 0
+    overall = {row["mode"]: row for row in summary["overall"]}
+    origins = summary["first_hit_origins"]
+    for mode in ("random", "ga", "pso", "ase-ga"):
+        mine = [r for r in runs if r["mode"] == mode]
+        assert sum(origins[mode].values()) == sum(r["hit"] for r in mine)
+        assert overall[mode]["total_force_calls"] == sum(r["force_calls_total"] for r in mine)
+    assert set(origins["random"]) <= {"random"}
+    table = (out / "benchmark.md").read_text()
+    assert "## Where the first hits came from" in table
+    ase_hits = [r for r in runs if r["mode"] == "ase-ga" and r["hit"]]
+    assert f"| ase-ga | {len(ase_hits)} |" in table
+    assert f"{overall['ase-ga']['total_force_calls']:,} fc" in table
+
+    # an ase-ga record from before force calls and origins were stored: read back, not searched again
+    for seed in (1, 2):
+        record = out / "runs" / f"Cu3Au-ase-ga-s{seed}" / "evaluations.json"
+        data = json.loads(record.read_text())
+        for e in data["evaluations"]:
+            del e["force_calls"], e["origin"], e["seconds"]
+        record.write_text(json.dumps(data))
+    assert main([*command, "--full-budget"]) == 0
+    again = json.loads((out / "benchmark.json").read_text())
+    before = {(r["mode"], r["seed"]): r for r in runs}
+    for run in again["runs"]:
+        old = before[(run["mode"], run["seed"])]
+        assert (run["hit"], run["evaluations_to_hit"], run["hit_origin"]) == (
+            old["hit"], old["evaluations_to_hit"], old["hit_origin"]
+        )  # fmt: skip
+        if run["mode"] == "ase-ga":
+            assert run["force_calls_total"] is None and run["force_calls_to_hit"] is None
+        else:
+            assert run["force_calls_total"] == old["force_calls_total"]
+    ase = next(row for row in again["summary"]["overall"] if row["mode"] == "ase-ga")
+    assert ase["runs_without_force_calls"] == 2 and ase["total_force_calls"] == 0
+    assert "0 fc (2 runs unrecorded)" in (out / "benchmark.md").read_text()
+
+    # read with a smaller budget, a finished globopt run is scored on its first relaxations only
+    shorter = ["benchmark", str(suite), "--modes", "random", "ga", "pso", "--out", str(out), "--budget", "3"]
+    assert main([*shorter, "--full-budget"]) == 0
+    for run in json.loads((out / "benchmark.json").read_text())["runs"]:
+        old = before[(run["mode"], run["seed"])]
+        calls = [r["n_force_calls"] for r in _archive_evaluations(Path(run["run_dir"]))]
+        assert len(calls) == 8 and run["evaluations"] == 3 and run["force_calls_total"] == sum(calls[:3])
+        assert run["hit"] == (old["hit"] and old["evaluations_to_hit"] <= 3)

@@ -60,7 +60,7 @@ def run_ase_ga(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float |
         data = json.loads(record.read_text())
         # a record of the whole budget also answers a search that would have stopped at its first hit
         if data["budget"] == job.budget and data.get("stop_at_energy") in (None, job.stop_at_energy):
-            return _from_record(data)
+            return _from_record(data, folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("ga.db", "used_modes.json", "population.log"):
         (folder / stale).unlink(missing_ok=True)  # an unfinished earlier attempt is redone from the start
@@ -74,6 +74,9 @@ def run_ase_ga(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float |
                 "structure": json.loads(e.structure.to_json()) if e.structure else None,
                 "energy_per_atom": e.energy_per_atom,
                 "finished_at": e.finished_at,
+                "force_calls": e.force_calls,
+                "origin": e.origin,
+                "seconds": e.seconds,
             }
             for e in evaluations
         ],
@@ -81,20 +84,63 @@ def run_ase_ga(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float |
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, record)
-    return _from_record(data)
+    return _from_record(data, folder)
 
 
-def _from_record(data: dict[str, Any]) -> tuple[list[EvaluatedStructure], float, float | None]:
+def _from_record(data: dict[str, Any], folder: Path) -> tuple[list[EvaluatedStructure], float, float | None]:
+    """Evaluations of a finished search from its record.
+
+    A record written before force calls and origins were kept lacks them: the origins are read back from
+    the search's ase-ga database, whose relaxed rows are in the same order; force calls and relaxation
+    times were not stored anywhere, so they stay None (the summary says how many runs lack them).
+    """
+    stored = data["evaluations"]
+    origins = [e.get("origin") for e in stored]
+    if any(o is None for o in origins):
+        origins = _origins_from_database(folder, len(stored))
     evaluations = [
         EvaluatedStructure(
             Structure.from_dict(e["structure"]) if e["structure"] else None,
             e["energy_per_atom"],
             e["finished_at"],
+            force_calls=e.get("force_calls"),
+            origin=origin,
+            seconds=e.get("seconds"),
         )
-        for e in data["evaluations"]
+        for e, origin in zip(stored, origins, strict=True)
     ]
     energies = [e.energy_per_atom for e in evaluations if e.energy_per_atom is not None]
     return evaluations, data["started_at"], min(energies) if energies else None
+
+
+# ase-ga's operator names (the ``origin`` key it stores with each candidate) -> the origin label of a
+# benchmark record, ``ase-ga:<operator>``, which hits.origin_class maps onto the classes of globopt's own
+_ASE_GA_ORIGINS = {
+    "StartingCandidateUnrelaxed": "start",
+    "CutAndSplicePairing": "pairing",
+    "SoftMutation": "soft",
+    "StrainMutation": "strain",
+    "PermutationMutation": "permutation",
+}
+
+
+def ase_ga_origin(atoms: Atoms) -> str:
+    """``ase-ga:start`` for the random start population, ``ase-ga:pairing`` / ``:soft`` / ... for children."""
+    name = str(atoms.info.get("key_value_pairs", {}).get("origin", ""))
+    return f"ase-ga:{_ASE_GA_ORIGINS.get(name, name or 'unknown')}"
+
+
+def _origins_from_database(folder: Path, count: int) -> list[str]:
+    """Origins of a search's relaxations from its ga.db: each relaxation added one relaxed row, in order."""
+    from ase.db import connect
+
+    path = folder / "ga.db"
+    if not path.exists():
+        return ["ase-ga:unknown"] * count
+    with connect(str(path)) as db:
+        rows = sorted(db.select(relaxed=1), key=lambda row: row.id)
+    origins = [f"ase-ga:{_ASE_GA_ORIGINS.get(row.get('origin', ''), 'unknown')}" for row in rows]
+    return origins if len(origins) == count else ["ase-ga:unknown"] * count
 
 
 def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], float]:
@@ -154,8 +200,10 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
     evaluations: list[EvaluatedStructure] = []
 
     def evaluate(atoms: Atoms) -> None:
+        origin = ase_ga_origin(atoms)
         outcome = relax(atoms.copy(), calculator, settings)
         relaxed = outcome.atoms
+        cost = {"force_calls": outcome.n_force_calls, "origin": origin, "seconds": outcome.seconds}
         if outcome.failure is None and np.isfinite(outcome.energy):
             atoms.set_cell(relaxed.get_cell(), scale_atoms=False)
             atoms.set_positions(relaxed.get_positions())
@@ -163,12 +211,14 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
             atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((len(atoms), 3)))
             set_raw_score(atoms, -energy)
             evaluations.append(
-                EvaluatedStructure(AseAtomsAdaptor.get_structure(relaxed), energy / len(atoms), time.time())
+                EvaluatedStructure(
+                    AseAtomsAdaptor.get_structure(relaxed), energy / len(atoms), time.time(), **cost
+                )
             )
         else:
             atoms.calc = SinglePointCalculator(atoms, energy=-FAILED_SCORE, forces=np.zeros((len(atoms), 3)))
             set_raw_score(atoms, FAILED_SCORE)
-            evaluations.append(EvaluatedStructure(None, None, time.time()))
+            evaluations.append(EvaluatedStructure(None, None, time.time(), **cost))
         data.add_relaxed_step(atoms)
 
     def target_reached() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from globopt.benchmark.reference import Reference, reference_for
-from globopt.benchmark.results import markdown_table, summarise
+from globopt.benchmark.results import markdown_table, origin_table, summarise
 from globopt.benchmark.runner import SearchJob, job_summary_line, run_jobs
 from globopt.benchmark.suite import SEARCH_MODES, Entry, Suite, load_suite
 from globopt.config import ConfigError
@@ -128,9 +128,14 @@ def run_benchmark(
     json_path.write_text(json.dumps(document, indent=2))
     md_path.write_text(
         f"# Benchmark {spec.name}\n\n{hardware()}; potential {spec.potential}; budget {budget} relaxations; "
-        f"seeds {seeds}\n\nCells: hits/runs (median evaluations and seconds to the first hit, over the runs "
-        f"that hit). A hit: StructureMatcher match with the reference or within "
-        f"{spec.hit_tolerance * 1000:g} meV/atom of it.\n\n{table}\n"
+        f"seeds {seeds}\n\nCells: hits/runs (median evaluations (ev), force calls (fc: potential calls "
+        f"summed over the relaxations up to and including the first hit) and seconds to the first hit, over "
+        f"the runs that hit). A hit: StructureMatcher match with the reference or within "
+        f"{spec.hit_tolerance * 1000:g} meV/atom of it.\n\n{table}\n\n"
+        f"## Where the first hits came from\n\nFirst hits per mode by the operator or source that proposed "
+        f"the structure (init: first generation / start population / first swarm; immigrant: random "
+        f"structures added later; heredity: cut-and-splice crossover, ase-ga's pairing included; pso-regen: "
+        f"re-drawn particles; pso-move: particle moves; random: random search).\n\n{origin_table(summary)}\n"
     )
     return json_path, md_path, summary
 

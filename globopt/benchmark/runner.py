@@ -17,7 +17,7 @@ from typing import Any
 
 from pymatgen.core import Structure
 
-from globopt.benchmark.hits import EvaluatedStructure, FirstHit, first_hit
+from globopt.benchmark.hits import EvaluatedStructure, FirstHit, first_hit, origin_class, total_force_calls
 
 log = logging.getLogger("globopt.benchmark")
 
@@ -71,21 +71,36 @@ def run_search(job: SearchJob) -> dict[str, Any]:
         evaluations, start_time, best = _run_globopt(job)
     reference = Structure.from_dict(job.reference)
     hit = first_hit(evaluations, reference, job.reference_energy, job.hit_tolerance, start_time)
-    return _result(job, hit, len(evaluations), best, time.perf_counter() - started)
+    return _result(job, hit, evaluations, best, time.perf_counter() - started)
 
 
 def _result(
-    job: SearchJob, hit: FirstHit | None, n_evaluations: int, best: float | None, wall: float
+    job: SearchJob,
+    hit: FirstHit | None,
+    evaluations: list[EvaluatedStructure],
+    best: float | None,
+    wall: float,
 ) -> dict[str, Any]:
+    """One search's record. Everything in it is recomputed from the run directory on every benchmark call,
+    so a finished run from an older release gains the newer fields without being searched again."""
+    timed = [e.seconds for e in evaluations if e.seconds is not None]
     return {
         "entry": job.entry,
         "mode": job.mode,
         "seed": job.seed,
         "budget": job.budget,
-        "evaluations": n_evaluations,
+        "evaluations": len(evaluations),
         "hit": hit is not None,
         "evaluations_to_hit": hit.evaluations if hit else None,
         "seconds_to_hit": hit.seconds if hit else None,
+        # potential calls summed over the relaxations up to and including the first hit, and over the run:
+        # the cost measure that does not depend on the machine or on how many searches share it
+        "force_calls_to_hit": hit.force_calls if hit else None,
+        "force_calls_total": total_force_calls(evaluations),
+        "hit_origin": hit.origin if hit else None,
+        "hit_origin_class": origin_class(hit.origin) if hit else None,
+        # wall time of the relaxations alone (None where not recorded): what a relaxation of this size costs
+        "relaxation_seconds_total": sum(timed) if timed and len(timed) == len(evaluations) else None,
         "best_energy_per_atom": best,
         "reference_energy_per_atom": job.reference_energy,
         "wall_seconds": wall,
@@ -130,22 +145,30 @@ def _run_globopt(job: SearchJob) -> tuple[list[EvaluatedStructure], float, float
             raise KeyboardInterrupt(f"benchmark search {job.label} interrupted")
     archive = run.open_archive()
     try:
-        best_rows = archive.best_unique(1)
-        best = best_rows[0].enthalpy_per_atom if best_rows else None
         used = tuple(s.value for s in Status if s.used_potential)
         rows = [r for r in archive.records() if r.status in used]
         started = min((r.created_at for r in archive.records()), default=time.time())
+        # n_force_calls NULL (a worker that died mid-relaxation reports none) counts as 0, as in the
+        # archive's own force-call budget (Archive.count_force_calls)
         evaluations = [
             EvaluatedStructure(
                 r.relaxed if r.status == Status.RELAXED else None,
                 r.enthalpy_per_atom if r.status == Status.RELAXED else None,
                 r.finished_at,
+                force_calls=r.n_force_calls or 0,
+                origin=r.origin,
+                seconds=r.seconds,
             )
             for r in sorted(rows, key=lambda r: (r.finished_at, r.id))
         ]
     finally:
         archive.close()
-    return evaluations, started, best
+    # A run that went further than this benchmark's budget (an earlier call with a larger --budget) is
+    # scored on its first `budget` relaxations only, as a search stopped at the budget would have been:
+    # its later hits would inflate the success rate.
+    evaluations = evaluations[: job.budget]
+    energies = [e.energy_per_atom for e in evaluations if e.energy_per_atom is not None]
+    return evaluations, started, min(energies) if energies else None
 
 
 def _finished(run, budget: int, stop_at_energy: float | None) -> bool:
@@ -164,8 +187,11 @@ def _finished(run, budget: int, stop_at_energy: float | None) -> bool:
 
 
 def job_summary_line(result: dict[str, Any]) -> str:
+    calls = result.get("force_calls_to_hit")
     outcome = (
-        f"hit at evaluation {result['evaluations_to_hit']} ({result['seconds_to_hit']:.0f} s)"
+        f"hit at evaluation {result['evaluations_to_hit']} ({result['seconds_to_hit']:.0f} s"
+        + (f", {calls} force calls" if calls is not None else "")
+        + f", from {result['hit_origin']})"
         if result["hit"]
         else "no hit"
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,6 +30,8 @@ from globopt.composition import MAX_ATOMS
 from globopt.config import ConfigError, PotentialConfig, read_yaml_mapping
 
 SEARCH_MODES = ("random", "ga", "pso", "ase-ga")
+# Å: symmetry copies of one site closer than this are one atom (see _merge_boundary_copies)
+COINCIDENT_SITES = 0.01
 
 
 class _Strict(BaseModel):
@@ -173,9 +176,28 @@ def load_suite(path: str | Path) -> Suite:
                     f"{where}, polymorph {poly.name}: composition {built.composition.reduced_formula} "
                     f"differs from {structure.composition.reduced_formula}"
                 )
+            _check_fits(built, structure, f"{where}, polymorph {poly.name}")
             polymorphs[poly.name] = built
         entries.append(Entry(entry.name, entry.prototype, structure, polymorphs))
     return Suite(spec, entries, path)
+
+
+def _check_fits(polymorph: Structure, searched: Structure, where: str) -> None:
+    """A polymorph must fit the searched cell: its primitive cell's formula units divide the cell's.
+
+    Why: a polymorph that is lower than the given structure becomes the reference. If the searched cell
+    cannot hold it (cristobalite SiO2, 4 formula units, in a 6-unit quartz cell), no search can find it and
+    the entry only scores hits by the energy rule, against a reference the cell cannot reach.
+    """
+    units = searched.composition.get_reduced_composition_and_factor()[1]
+    primitive = polymorph.get_primitive_structure()
+    needed = primitive.composition.get_reduced_composition_and_factor()[1]
+    if round(units) % round(needed):
+        raise ConfigError(
+            f"{where}: its primitive cell has {needed:g} formula units, which do not divide the "
+            f"{units:g} of the searched cell, so a search could not find it; enlarge the entry's cell "
+            "(supercell:) or leave the polymorph out"
+        )
 
 
 def build_structure(spec: StructureSpec, folder: Path, where: str) -> Structure:
@@ -189,6 +211,7 @@ def build_structure(spec: StructureSpec, folder: Path, where: str) -> Structure:
         else:
             lattice = _lattice(spec.spacegroup, spec.lattice)
             structure = Structure.from_spacegroup(spec.spacegroup, lattice, spec.species, spec.coords)
+            structure = _merge_boundary_copies(structure, where)
     except ConfigError:
         raise
     except Exception as exc:  # pymatgen raises ValueError/KeyError/... for bad symmetry data
@@ -201,6 +224,30 @@ def build_structure(spec: StructureSpec, folder: Path, where: str) -> Structure:
     if not 1 <= len(structure) <= MAX_ATOMS:
         raise ConfigError(f"{where}: {len(structure)} atoms in the cell; 1..{MAX_ATOMS} allowed")
     return structure
+
+
+def _merge_boundary_copies(structure: Structure, where: str) -> Structure:
+    """One atom per special position, also when its typed coordinates are rounded.
+
+    Why: Wyckoff coordinates are typed to a few decimals (2/3 as 0.6666667). The symmetry copies of such a
+    special position then land 1e-7 apart on either side of a cell face (z = 0.9999999 and 0.0000001),
+    and pymatgen's duplicate check, which does not wrap coordinates, keeps both: alpha-quartz with Si at
+    (x, 0, 0.6666667) came out with 10 atoms instead of 9. Copies of one site are merged; two different
+    species on one spot mean wrong input and are reported.
+    """
+    if len(structure) < 2:
+        return structure
+    distances = structure.distance_matrix + np.eye(len(structure)) * 1e9
+    close = np.argwhere(np.triu(distances < COINCIDENT_SITES))
+    if not len(close):
+        return structure
+    for i, j in close:
+        if structure[i].species != structure[j].species:
+            raise ConfigError(
+                f"{where}: {structure[i].species_string} and {structure[j].species_string} sit on the same "
+                f"spot {structure[i].frac_coords.round(4).tolist()}; check the Wyckoff coordinates"
+            )
+    return structure.copy().merge_sites(tol=COINCIDENT_SITES, mode="delete")
 
 
 def _lattice(spacegroup: str | int, params: dict[str, float]) -> Lattice:
