@@ -4,7 +4,7 @@
         --structures NaCl TiO2 GaN --modes random ga pso --seeds 0 1 2 --budget 40
 
 takes the options of `globopt benchmark` (see `globopt benchmark --help`); the harness lives in
-globopt/benchmark/.
+globopt/scoreboard/.
 """
 
 from __future__ import annotations

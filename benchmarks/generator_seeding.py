@@ -23,8 +23,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pymatgen.core import Lattice, Structure
 
-from globopt.benchmark.reference import relax_known
-from globopt.benchmark.runner import SearchJob, run_search
+from globopt.scoreboard.jobs import SearchJob
+from globopt.scoreboard.reference import relax_known
+from globopt.scoreboard.runner import run_search
 
 HIT_TOLERANCE = 0.001  # eV/atom
 

@@ -72,8 +72,8 @@ def reference_structures() -> dict[str, tuple[dict[str, int], Structure]]:
 
 
 def relax_reference(structure: Structure, model: str) -> tuple[float, Structure]:
-    from globopt.benchmark.reference import relax_known
     from globopt.config import PotentialConfig
+    from globopt.scoreboard.reference import relax_known
 
     potential = PotentialConfig(kind="matgl", model=model).model_dump()
     relaxed = relax_known(structure, "given", potential, fmax=0.01, max_steps=1000)

@@ -271,10 +271,10 @@ def _parse_settings(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from globopt.benchmark.harness import BenchmarkOptions, run_benchmark
-    from globopt.benchmark.reference import ReferenceError
     from globopt.config import ConfigError
     from globopt.rundir import RunDirError
+    from globopt.scoreboard.harness import BenchmarkOptions, run_benchmark
+    from globopt.scoreboard.reference import ReferenceError
     from surrogates.m3gnet import ModelLoadError, ModelNotFoundError
     from surrogates.potentials import PotentialUnavailableError
 

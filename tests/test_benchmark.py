@@ -11,10 +11,10 @@ import pytest
 import yaml
 from pymatgen.core import Lattice, Structure
 
-from globopt.benchmark.hits import EvaluatedStructure, first_hit, origin_class
-from globopt.benchmark.suite import load_suite
 from globopt.cli import main
 from globopt.config import ConfigError
+from globopt.scoreboard.hits import EvaluatedStructure, first_hit, origin_class
+from globopt.scoreboard.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[1]
 STANDARD = REPO / "benchmarks" / "suites" / "standard.yaml"
@@ -301,7 +301,7 @@ def test_benchmark_runs_every_mode_through_the_engine(tmp_path: Path, capsys) ->
 @pytest.mark.m3gnet
 def test_reference_is_the_lowest_known_polymorph(models_dir: Path) -> None:
     """TiO2 is listed as rutile, but M3GNet-MP-2021.2.8 puts anatase lower: anatase becomes the reference."""
-    from globopt.benchmark.reference import reference_for
+    from globopt.scoreboard.reference import reference_for
 
     entry = load_suite(STANDARD).select(["TiO2"])[0]
     reference = reference_for(entry, {"kind": "matgl", "model": "M3GNet-MP-2021.2.8-PES"})

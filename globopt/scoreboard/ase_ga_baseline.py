@@ -24,8 +24,8 @@ from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from globopt.benchmark.hits import EvaluatedStructure
-from globopt.benchmark.runner import SearchJob, globopt_config
+from globopt.scoreboard.hits import EvaluatedStructure
+from globopt.scoreboard.jobs import SearchJob, globopt_config
 
 # Raw score of a relaxation that failed (exploded / collapsed / NaN): worse than any real structure, so
 # the population drops it, but still a number, as the ase-ga database requires one.

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from globopt.benchmark.reference import Reference, reference_for
-from globopt.benchmark.results import markdown_table, origin_table, summarise
-from globopt.benchmark.runner import SearchJob, job_summary_line, run_jobs
-from globopt.benchmark.suite import SEARCH_MODES, Entry, Suite, load_suite
 from globopt.config import ConfigError
+from globopt.scoreboard.reference import Reference, reference_for
+from globopt.scoreboard.results import markdown_table, origin_table, summarise
+from globopt.scoreboard.runner import SearchJob, job_summary_line, run_jobs
+from globopt.scoreboard.suite import SEARCH_MODES, Entry, Suite, load_suite
 
-log = logging.getLogger("globopt.benchmark")
+log = logging.getLogger("globopt.scoreboard")
 
 
 @dataclass
@@ -53,7 +53,7 @@ def run_benchmark(
     if bad:
         raise ConfigError(f"--modes: unknown {', '.join(bad)}; allowed: {', '.join(SEARCH_MODES)}")
     if "ase-ga" in modes:
-        from globopt.benchmark.ase_ga_baseline import require_ase_ga
+        from globopt.scoreboard.ase_ga_baseline import require_ase_ga
 
         require_ase_ga()
     seeds = options.seeds if options.seeds is not None else spec.seeds

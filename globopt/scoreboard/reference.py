@@ -14,8 +14,8 @@ from typing import Any
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from globopt.benchmark.suite import Entry
 from globopt.evaluator.evaluate import spacegroup_of
+from globopt.scoreboard.suite import Entry
 
 
 class ReferenceError(RuntimeError):

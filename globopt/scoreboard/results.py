@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from globopt.benchmark.hits import ORIGIN_CLASSES, median_or_none, origin_class
+from globopt.scoreboard.hits import ORIGIN_CLASSES, median_or_none, origin_class
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:

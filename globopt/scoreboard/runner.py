@@ -11,41 +11,15 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pymatgen.core import Structure
 
-from globopt.benchmark.hits import EvaluatedStructure, FirstHit, first_hit, origin_class, total_force_calls
+from globopt.scoreboard.hits import EvaluatedStructure, FirstHit, first_hit, origin_class, total_force_calls
+from globopt.scoreboard.jobs import SearchJob, globopt_config
 
-log = logging.getLogger("globopt.benchmark")
-
-
-@dataclass
-class SearchJob:
-    """Everything one search needs; plain data so it can be sent to a worker process."""
-
-    entry: str
-    mode: str
-    seed: int
-    budget: int
-    composition: dict[str, int]
-    potential: dict[str, Any]
-    search: dict[str, Any]  # extra run-config keys (ga:, pso:, relax:, ...)
-    run_dir: str
-    reference: dict[str, Any]  # relaxed reference structure (pymatgen dict)
-    reference_energy: float
-    hit_tolerance: float
-    torch_threads: int = 1
-    # end the search once a relaxed structure is this low (the hit energy): evaluations after the first
-    # hit change no success-rate figure, so they are not spent; None runs the whole budget
-    stop_at_energy: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.entry}-{self.mode}-s{self.seed}"
+log = logging.getLogger("globopt.scoreboard")
 
 
 def run_jobs(jobs: list[SearchJob], n_parallel: int) -> Iterator[dict[str, Any]]:
@@ -64,7 +38,7 @@ def run_search(job: SearchJob) -> dict[str, Any]:
     torch.set_num_threads(job.torch_threads)
     started = time.perf_counter()
     if job.mode == "ase-ga":
-        from globopt.benchmark.ase_ga_baseline import run_ase_ga
+        from globopt.scoreboard.ase_ga_baseline import run_ase_ga
 
         evaluations, start_time, best = run_ase_ga(job)
     else:
@@ -105,18 +79,6 @@ def _result(
         "reference_energy_per_atom": job.reference_energy,
         "wall_seconds": wall,
         "run_dir": job.run_dir,
-    }
-
-
-def globopt_config(job: SearchJob) -> dict[str, Any]:
-    return {
-        **job.search,
-        "name": job.label,
-        "mode": job.mode,
-        "composition": job.composition,
-        "seed": job.seed,
-        "budget": {"evaluations": job.budget, "target_enthalpy_per_atom": job.stop_at_energy},
-        "potential": job.potential,
     }
 
 
