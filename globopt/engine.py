@@ -206,6 +206,7 @@ class Engine:
             log.info("resuming: %d evaluations committed", used)
         # a finite search (htvs) may end before the budget: show progress against its size
         total = min(budget, self.search.size_hint or budget)
+        loop_started = time.process_time()
         notify(self.observers, self.costs.observers, "run_started", self.archive, self.best, used, total)
         scheduler = make_scheduler(self.settings, self.workers)
         stream = self.search.random_stream if scheduler.runs_elsewhere else None
@@ -213,7 +214,6 @@ class Engine:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         potential_seconds = relax_seconds = 0.0
         exhausted = False
-        loop_started = time.process_time()
         try:
             rejections = 0
             while True:
@@ -276,10 +276,10 @@ class Engine:
                 "interrupted: committed results are kept; in-flight candidates are re-issued on resume"
             )
         finally:
-            self.costs.loop += time.process_time() - loop_started
             signal.signal(signal.SIGTERM, previous_handler)
             scheduler.close()
             notify(self.observers, self.costs.observers, "run_finished", self.archive, interrupted)
+            self.costs.loop += time.process_time() - loop_started
             evaluations = self.archive.count_used_potential()
             random_stream = self.search.random_stream
             log.info(

@@ -154,3 +154,31 @@ def test_rattle_lets_a_symmetric_saddle_relax_and_is_reproducible() -> None:
     assert rattled[1].energy == rattled[0].energy and rattled[1].n_steps == rattled[0].n_steps
     other = evaluate(RelaxTask(2, structure), EvaluatorSettings(emt, settings(), rattle=0.05, seed=3))
     assert other.n_steps != rattled[0].n_steps or other.energy != rattled[0].energy
+
+
+def test_the_rattle_never_pushes_a_pair_below_its_limit() -> None:
+    """A proposal with a pair just above its minimum distance is relaxed, not recorded as collapsed at step 0."""
+    from pymatgen.core import Lattice, Structure
+
+    from globopt.evaluator.evaluate import rattle_displacements, rattle_within_limits
+    from globopt.geometry import closest_pair_violation
+
+    allowed = float(LIMITS.min_distance[29, 29])
+    # atom 3 sits 0.4% beyond its minimum distance from atom 0, well clear of the others
+    frac = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [1.004 * allowed / 4.4, 0, 0]])
+    structure = Structure(Lattice.cubic(4.4), ["Cu"] * 4, frac)
+    assert geometry_problem(structure, LIMITS) == ""
+    emt = {"kind": "emt", "model": "emt"}
+    atoms = bulk("Cu", "fcc", a=4.4, cubic=True)
+    atoms.set_scaled_positions(frac)
+    cell, numbers, symbols = atoms.cell.array, atoms.numbers, atoms.get_chemical_symbols()
+    raw_collapses = 0
+    for candidate_id in range(1, 13):
+        evaluator = EvaluatorSettings(emt, settings(max_steps=5), rattle=0.05, seed=11)
+        raw = (atoms.positions + rattle_displacements(11, candidate_id, 4, 0.05)) @ np.linalg.inv(cell)
+        raw_collapses += bool(closest_pair_violation(cell, raw, numbers, symbols, LIMITS))
+        kept = (atoms.positions + rattle_within_limits(atoms, evaluator, candidate_id)) @ np.linalg.inv(cell)
+        assert closest_pair_violation(cell, kept, numbers, symbols, LIMITS) == ""
+        outcome = evaluate(RelaxTask(candidate_id, structure), evaluator)
+        assert outcome.status is not Status.COLLAPSED, outcome.reason
+    assert raw_collapses >= 2  # the unscaled rattle would have wasted these relaxations

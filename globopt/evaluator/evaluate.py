@@ -21,6 +21,7 @@ from globopt.candidate import Evaluation, RelaxTask, Status
 from globopt.evaluator.early_stop import EarlyStopper, EarlyStopSettings
 from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimaWatch
 from globopt.evaluator.relax import RelaxSettings, relax
+from globopt.geometry import GeometryLimits, closest_pair_violation
 from globopt.structure_codec import structure_to_json
 from surrogates.potentials import PotentialBuildError, build_calculator
 
@@ -31,6 +32,10 @@ _FAILURE_STATUS = {
     "error": Status.FAILED,
     "stopped_early": Status.STOPPED_EARLY,
 }
+
+
+# How often a rattle that pushes a pair below its limit is halved before the candidate relaxes unrattled.
+RATTLE_HALVINGS = 3
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,6 @@ def evaluate(
     """
     result = _relax_and_analyse(task, settings, on_step)
     if task.generate:
-        from globopt.geometry import GeometryLimits
         from globopt.search.random_stream import build_for_screening
 
         limits = GeometryLimits(settings.relax.min_distance, settings.relax.volume_per_atom_range)
@@ -90,7 +94,7 @@ def _relax_and_analyse(
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
     n_atoms = len(atoms)
     if settings.rattle > 0:
-        atoms.positions += rattle_displacements(settings.seed, task.candidate_id, n_atoms, settings.rattle)
+        atoms.positions += rattle_within_limits(atoms, settings, task.candidate_id)
     stopper = None
     if settings.early_stop is not None and task.best_enthalpy_per_atom is not None:
         stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, n_atoms)
@@ -146,6 +150,28 @@ def rattle_displacements(seed: int, candidate_id: int, n_atoms: int, amplitude: 
     reproducible from the run seed and the candidate id alone.
     """
     return np.random.default_rng([seed % 2**63, candidate_id]).normal(0.0, amplitude, (n_atoms, 3))
+
+
+def rattle_within_limits(atoms, settings: EvaluatorSettings, candidate_id: int) -> np.ndarray:
+    """The candidate's rattle, scaled down until no pair ends below its minimum distance.
+
+    A proposal that passed the geometry check with a pair just above its limit could otherwise be pushed
+    below it by the rattle and be recorded as collapsed at step 0: a relaxation spent on nothing. The
+    displacements keep their direction and are halved (at most RATTLE_HALVINGS times, then dropped), so
+    the result is still a function of the run seed and the candidate id alone.
+    """
+    displacements = rattle_displacements(settings.seed, candidate_id, len(atoms), settings.rattle)
+    if settings.relax.min_distance is None:
+        return displacements
+    limits = GeometryLimits(settings.relax.min_distance, settings.relax.volume_per_atom_range)
+    cell, numbers, symbols = atoms.cell.array, atoms.numbers, atoms.get_chemical_symbols()
+    inverse = np.linalg.inv(cell)
+    for _ in range(RATTLE_HALVINGS + 1):
+        frac = (atoms.positions + displacements) @ inverse
+        if not closest_pair_violation(cell, frac, numbers, symbols, limits):
+            return displacements
+        displacements = 0.5 * displacements
+    return np.zeros_like(displacements)
 
 
 def spacegroup_of(structure, symprec: float) -> tuple[str | None, int | None]:
