@@ -157,7 +157,7 @@ def test_rattle_lets_a_symmetric_saddle_relax_and_is_reproducible() -> None:
 
 
 def test_the_rattle_never_pushes_a_pair_below_its_limit() -> None:
-    """A proposal with a pair just above its minimum distance is relaxed, not recorded as collapsed at step 0."""
+    """A proposal with a pair just above its minimum distance is relaxed, not recorded as collapsed."""
     from pymatgen.core import Lattice, Structure
 
     from globopt.evaluator.evaluate import rattle_displacements, rattle_within_limits
