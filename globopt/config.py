@@ -119,6 +119,12 @@ class RandomSearchConfig(_Section):
         None, description="space groups to draw from; default all compatible with the composition"
     )
     volume_factor: PositiveFloat = Field(1.1, description="pyxtal volume factor for random cells")
+    spacegroup_prior: Literal["uniform", "frequency"] = Field(
+        "uniform",
+        description="how space groups of random structures are drawn: uniform over the compatible groups, "
+        "or half uniform and half by how often each group occurs at this cell size among Materials "
+        "Project structures",
+    )
 
     @field_validator("spacegroups")
     @classmethod

@@ -323,7 +323,10 @@ def test_immigrant_respects_the_allowed_groups() -> None:
         made = random_immigrant(CONTENTS["Na4Cl4"], limits_for("Na4Cl4"), rng, spacegroups=[221, 225])
         assert made is not None
         assert made[1] in (221, 225)
-    assert random_immigrant({"Na": 1, "Cl": 1}, limits_for("Na4Cl4"), rng, spacegroups=[225]) is None
+    # Pm-3m has two one-fold sites: two Na and one Cl cannot be placed; rock salt's primitive cell can
+    assert random_immigrant({"Na": 2, "Cl": 1}, limits_for("Na4Cl4"), rng, spacegroups=[221]) is None
+    rock_salt = random_immigrant({"Na": 1, "Cl": 1}, limits_for("Na4Cl4"), rng, spacegroups=[225])
+    assert rock_salt is not None and len(rock_salt[0]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,3 +380,45 @@ def test_lattice_problem() -> None:
 
 def test_validity_problem_names_a_content_mismatch() -> None:
     assert "content" in validity_problem(rocksalt(), {"Na": 4, "Cl": 3}, limits_for("Na4Cl4"))
+
+
+@pytest.mark.parametrize(
+    ("content", "group"),
+    [({"Al": 4, "O": 6}, 167), ({"Mg": 2, "Al": 4, "O": 8}, 227), ({"Ga": 4, "O": 6}, 12)],
+    ids=["corundum R-3c", "spinel Fd-3m", "beta-Ga2O3 C2/m"],
+)
+def test_centred_groups_are_drawn_in_their_primitive_cell(content: dict[str, int], group: int) -> None:
+    """The primitive cells of corundum, spinel and beta-Ga2O3 can only be proposed in their own group as the
+    primitive cell of a centred group; the conventional cell would hold 2-4 times the content."""
+    from globopt.search.pyxtal_sampling import CellSymmetry, random_symmetric_structure, symmetry_options
+
+    counts = list(content.values())
+    options = symmetry_options(counts)
+    assert any(o.group == group and o.primitive for o in options)
+    if group != 12:  # C2/m also holds Ga4O6 in its conventional cell, another structure than beta-Ga2O3
+        assert not any(o.group == group and not o.primitive for o in options)
+    assert group in compatible_spacegroups(counts)
+    rng = np.random.default_rng(0)
+    made = None
+    for _ in range(20):
+        made = random_symmetric_structure(content, (CellSymmetry(group, primitive=True),), rng, 1.1)
+        if not isinstance(made, str):
+            break
+    assert not isinstance(made, str), made
+    structure, drawn = made
+    assert drawn == group and len(structure) == sum(counts)
+    assert structure.get_space_group_info(symprec=0.01)[1] == group
+
+
+def test_the_frequency_prior_favours_common_groups_and_rules_none_out() -> None:
+    """Olivine's Pnma is far more common among 28-atom cells than an average group; under the frequency
+    prior it is drawn several times more often, and no group falls below half its uniform weight."""
+    from globopt.search.pyxtal_sampling import symmetry_options
+
+    counts = [8, 4, 16]  # Mg8Si4O16, olivine's cell
+    uniform = {(o.group, o.primitive): o.weight for o in symmetry_options(counts, prior="uniform")}
+    frequency = {(o.group, o.primitive): o.weight for o in symmetry_options(counts, prior="frequency")}
+    assert uniform.keys() == frequency.keys()
+    assert sum(uniform.values()) == pytest.approx(1.0) and sum(frequency.values()) == pytest.approx(1.0)
+    assert frequency[(62, False)] > 5 * uniform[(62, False)]
+    assert all(frequency[key] >= 0.5 * uniform[key] - 1e-12 for key in uniform)

@@ -40,8 +40,9 @@ def make_search(config: RunConfig) -> SearchAlgorithm:
         from globopt.search.random_search import RandomSymmetricSearch
 
         return RandomSymmetricSearch(
-            contents, config.seed, config.random.spacegroups, config.random.volume_factor, limits
-        )
+            contents, config.seed, config.random.spacegroups, config.random.volume_factor, limits,
+            config.random.spacegroup_prior,
+        )  # fmt: skip
     if config.mode == "ga":
         from globopt.search.ga import GeneticSearch
 
@@ -57,5 +58,6 @@ def make_search(config: RunConfig) -> SearchAlgorithm:
             contents, limits, config.seed, swarm_size=p.swarm_size, inertia=p.inertia, cognitive=p.cognitive,
             social=p.social, regenerate_fraction=p.regenerate_fraction, spacegroups=config.random.spacegroups,
             volume_factor=config.random.volume_factor, initial_population=config.initial_population,
+            spacegroup_prior=config.random.spacegroup_prior,
         )  # fmt: skip
     raise ValueError(f"unknown search mode {config.mode!r}")

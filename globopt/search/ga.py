@@ -97,6 +97,7 @@ class GeneticSearch(SearchAlgorithm):
         self.random_stream = RandomStream(
             "ga-random", seed, self.contents, self.spacegroups, self.volume_factor,
             attempts=MAX_OPERATOR_TRIES * IMMIGRANT_ATTEMPTS, limits=limits, check_limits=True,
+            prior=random_config.spacegroup_prior,
         )  # fmt: skip
         self.initial_proposed = 0
         self.told = 0

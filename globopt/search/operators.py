@@ -467,14 +467,14 @@ def random_immigrant(
 ) -> tuple[Structure, int] | None:
     """A fresh random symmetric structure: keeps diversity in a population that heredity would
     otherwise collapse onto one basin. Returns it with its space-group number."""
-    from globopt.search.pyxtal_sampling import compatible_spacegroups, random_symmetric_structure
+    from globopt.search.pyxtal_sampling import random_symmetric_structure, symmetry_options
 
     content = {el: n for el, n in content.items() if n}
-    groups = compatible_spacegroups(list(content.values()), spacegroups)
-    if not groups:
+    options = symmetry_options(list(content.values()), spacegroups)
+    if not options:
         return None
     for _ in range(IMMIGRANT_ATTEMPTS):
-        made = random_symmetric_structure(content, groups, rng, volume_factor)
+        made = random_symmetric_structure(content, options, rng, volume_factor)
         if isinstance(made, str):
             continue
         structure, group = made

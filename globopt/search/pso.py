@@ -53,7 +53,6 @@ seeded from ours per call, so a restored search draws the same structures.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +65,7 @@ from generators.seeding import seeds_from_config
 from globopt.candidate import Evaluation, Proposal, Status
 from globopt.geometry import GeometryLimits, geometry_problem
 from globopt.search.base import SearchAlgorithm, SearchExhausted
-from globopt.search.pyxtal_sampling import compatible_spacegroups, random_symmetric_structure
+from globopt.search.pyxtal_sampling import CellSymmetry, random_symmetric_structure, symmetry_options
 from globopt.search.structure_difference import (
     Step,
     apply_step,
@@ -88,12 +87,6 @@ PERTURB_SIGMA = 0.15
 PERTURB_STRAIN = 0.03
 # Screened-out proposals in a row after which a particle is regenerated.
 MAX_STALLS = 3
-
-
-@functools.lru_cache(maxsize=64)
-def _spacegroups_for(counts: tuple[int, ...], allowed: tuple[int, ...] | None) -> tuple[int, ...]:
-    """compatible_spacegroups, cached: building pyxtal's 230 Group objects takes seconds per content."""
-    return tuple(compatible_spacegroups(list(counts), list(allowed) if allowed else None))
 
 
 # -- swarm state ------------------------------------------------------------------------------------------
@@ -188,6 +181,7 @@ class ParticleSwarmSearch(SearchAlgorithm):
         spacegroups: list[int] | None = None,
         volume_factor: float = 1.1,
         initial_population=None,
+        spacegroup_prior: str = "uniform",
     ) -> None:
         if swarm_size < 1:
             raise ValueError(f"swarm_size must be at least 1, got {swarm_size}")
@@ -199,13 +193,13 @@ class ParticleSwarmSearch(SearchAlgorithm):
         self.regenerate_fraction = regenerate_fraction
         self.volume_factor = volume_factor
         self.contents: list[dict[str, int]] = []
-        self.groups: list[list[int]] = []
+        self.groups: list[tuple[CellSymmetry, ...]] = []
         for content in contents:
-            allowed = tuple(spacegroups) if spacegroups else None
-            groups = _spacegroups_for(tuple(content.values()), allowed)
-            if groups:
+            allowed = list(spacegroups) if spacegroups else None
+            options = symmetry_options(list(content.values()), allowed, spacegroup_prior)
+            if options:
                 self.contents.append(dict(content))
-                self.groups.append(list(groups))
+                self.groups.append(options)
         if not self.contents:
             where = f"among {spacegroups}" if spacegroups else "at all"
             raise SearchExhausted(f"no space group {where} can hold the cell content(s) {contents}")

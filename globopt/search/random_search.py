@@ -28,6 +28,7 @@ class RandomSymmetricSearch(SearchAlgorithm):
         spacegroups: list[int] | None = None,
         volume_factor: float = 1.1,
         limits: GeometryLimits | None = None,
+        spacegroup_prior: str = "uniform",
     ) -> None:
         """``contents``: every cell content allowed (several with a formula-unit range), drawn uniformly.
 
@@ -39,8 +40,9 @@ class RandomSymmetricSearch(SearchAlgorithm):
             where = f"among {spacegroups}" if spacegroups else "at all"
             raise SearchExhausted(f"no space group {where} can hold the cell content(s) {contents}")
         self.random_stream = RandomStream(
-            "random", seed, buildable, spacegroups, volume_factor, attempts=MAX_GENERATION_ATTEMPTS
-        )
+            "random", seed, buildable, spacegroups, volume_factor, attempts=MAX_GENERATION_ATTEMPTS,
+            prior=spacegroup_prior,
+        )  # fmt: skip
         self.proposed_count = 0
 
     def propose(self) -> Proposal:

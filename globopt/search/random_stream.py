@@ -22,6 +22,7 @@ from pymatgen.core import Structure
 
 from globopt.candidate import Screening
 from globopt.geometry import GeometryLimits, geometry_problem
+from globopt.search.pyxtal_sampling import CellSymmetry
 
 # stream identifiers that go into the seed: two streams of one run never share structures
 STREAM_IDS = {"random": 0, "ga-random": 1}
@@ -34,9 +35,9 @@ class RandomRecipe:
     stream: str  # a key of STREAM_IDS
     seed: int
     index: int
-    # allowed cell contents, drawn uniformly, each with the space groups that can hold it (found once on
-    # rank 0: checking all 230 groups takes a worker seconds, long enough to look dead)
-    contents: tuple[tuple[tuple[tuple[str, int], ...], tuple[int, ...]], ...]
+    # allowed cell contents, drawn uniformly, each with the (group, cell) options that can hold it (found
+    # once on rank 0: checking all 230 groups takes a worker seconds, long enough to look dead)
+    contents: tuple[tuple[tuple[tuple[str, int], ...], tuple[CellSymmetry, ...]], ...]
     volume_factor: float
     attempts: int  # pyxtal draws before giving up on this number
     # GA immigrants must also pass the operators' validity check (search/operators.py), which needs limits
@@ -64,9 +65,9 @@ def build(recipe: RandomRecipe, limits: GeometryLimits | None) -> GeneratedStruc
         return GeneratedStructure(recipe, None, None, "no space group can hold any allowed cell content")
     last_error = ""
     for _ in range(recipe.attempts):
-        items, groups = recipe.contents[int(rng.integers(len(recipe.contents)))]
+        items, options = recipe.contents[int(rng.integers(len(recipe.contents)))]
         content = {el: n for el, n in items if n}
-        made = random_symmetric_structure(content, groups, rng, recipe.volume_factor)
+        made = random_symmetric_structure(content, options, rng, recipe.volume_factor)
         if isinstance(made, str):
             last_error = made
             continue
@@ -137,8 +138,9 @@ class RandomStream:
         attempts: int,
         limits: GeometryLimits | None = None,
         check_limits: bool = False,
+        prior: str = "uniform",
     ) -> None:
-        from globopt.search.pyxtal_sampling import compatible_spacegroups
+        from globopt.search.pyxtal_sampling import symmetry_options
 
         self.stream = stream
         self.seed = seed
@@ -146,8 +148,8 @@ class RandomStream:
         with_groups = []
         for content in contents:
             counts = [n for n in content.values() if n]
-            if groups := compatible_spacegroups(counts, allowed):
-                with_groups.append((tuple(content.items()), tuple(groups)))
+            if options := symmetry_options(counts, allowed, prior):
+                with_groups.append((tuple(content.items()), options))
         self.contents = tuple(with_groups)
         self.volume_factor = volume_factor
         self.attempts = attempts
