@@ -155,6 +155,11 @@ class GAConfig(_Section):
         },
         description="relative probability of each variation operator",
     )
+    adaptive_operators: bool = Field(
+        True,
+        description="shift operator probabilities toward the operators whose children enter the population "
+        "(30% of the configured probabilities always stay)",
+    )
     strain_sigma: PositiveFloat = 0.1
     coordinate_sigma: PositiveFloat = Field(0.4, description="Å")
     soft_amplitude: PositiveFloat = Field(1.0, description="Å")

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import committed, emt_config, globopt_process, read_results, sigkill_after_commits
 
@@ -129,3 +130,28 @@ def test_variable_formula_units_compare_energy_per_atom() -> None:
     search = make_search(config)
     sizes = {len(search.propose().structure) for _ in range(12)}
     assert sizes == {2, 4, 6}
+
+
+def test_operator_probabilities_follow_the_children_that_pay_off() -> None:
+    config = parse_config(
+        {"name": "adapt", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    )
+    search = make_search(config)
+    base = search.operator_probabilities().copy()
+    names = list(search._operator_names)
+    assert np.allclose(base, search._operator_p)  # nothing judged yet: the configured probabilities
+    search.operator_stats = {
+        "heredity": {"proposed": 40, "judged": 40, "entered": 20, "new_best": 4},
+        "lattice_strain": {"proposed": 40, "judged": 40, "entered": 0, "new_best": 0},
+    }
+    adapted = search.operator_probabilities()
+    heredity, strain = names.index("heredity"), names.index("lattice_strain")
+    assert adapted.sum() == pytest.approx(1.0)
+    assert adapted[heredity] > base[heredity] and adapted[strain] < base[strain]
+    assert np.all(adapted >= 0.3 * base - 1e-12)  # the floor: no operator is switched off
+    fixed = parse_config(
+        {**config.model_dump(), "ga": {**config.ga.model_dump(), "adaptive_operators": False}}
+    )
+    search = make_search(fixed)
+    search.operator_stats = {"heredity": {"proposed": 40, "judged": 40, "entered": 20, "new_best": 4}}
+    assert np.allclose(search.operator_probabilities(), base)

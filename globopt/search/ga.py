@@ -36,6 +36,8 @@ from globopt.structure_codec import structure_from_dict, structure_to_dict
 
 # Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
 MAX_OPERATOR_TRIES = 12
+# Share of the configured operator probabilities kept fixed when they adapt to measured success.
+ADAPTIVE_FLOOR = 0.3
 HALL_OF_FAME_SIZE = 10
 
 
@@ -119,7 +121,7 @@ class GeneticSearch(SearchAlgorithm):
                 return Proposal(structure, origin=origin)
             return self._immigrant("init")
         for _ in range(MAX_OPERATOR_TRIES):
-            name = str(self.rng.choice(self._operator_names, p=self._operator_p))
+            name = str(self.rng.choice(self._operator_names, p=self.operator_probabilities()))
             made = self._apply(name)
             if made is not None:
                 structure, parents = made
@@ -154,9 +156,33 @@ class GeneticSearch(SearchAlgorithm):
 
     def _remember(self, operator: str, parents: tuple[int, ...]) -> None:
         self.last_proposal = (operator, parents)
-        self.operator_stats.setdefault(operator, {"proposed": 0, "entered": 0, "new_best": 0})[
-            "proposed"
-        ] += 1
+        self._stats(operator)["proposed"] += 1
+
+    def _stats(self, operator: str) -> dict[str, int]:
+        stats = self.operator_stats.setdefault(operator, {})
+        for key in ("proposed", "judged", "entered", "new_best"):
+            stats.setdefault(key, 0)
+        return stats
+
+    def operator_probabilities(self) -> np.ndarray:
+        """The configured operator probabilities, shifted toward the operators whose children pay off.
+
+        With ``ga.adaptive_operators`` each operator's weight is multiplied by its success rate, (children
+        that entered the population + 2 x those that became the best + 1) / (children judged + 2), and
+        the result is mixed with the configured probabilities (ADAPTIVE_FLOOR of them stay fixed), so no
+        operator is ever switched off by a few unlucky children. The rates come from the search state, so
+        a resumed search draws exactly as the original would have.
+        """
+        if not self.ga.adaptive_operators:
+            return self._operator_p
+        rates = []
+        for name in self._operator_names:
+            stats = self.operator_stats.get(name, {})
+            reward = stats.get("entered", 0) + 2 * stats.get("new_best", 0)
+            rates.append((reward + 1) / (stats.get("judged", 0) + 2))
+        weighted = self._operator_p * np.array(rates)
+        weighted /= weighted.sum()
+        return (1.0 - ADAPTIVE_FLOOR) * weighted + ADAPTIVE_FLOOR * self._operator_p
 
     def _select(self, k: int) -> list[Member]:
         """Tournament on fitness (single objective) or on NSGA-II rank and crowding (several)."""
@@ -188,6 +214,10 @@ class GeneticSearch(SearchAlgorithm):
 
     def tell(self, candidate_id: int, evaluation: Evaluation) -> None:
         operator = self.outstanding.pop(candidate_id, None)
+        # a surrogate's skip says nothing about the child; any other outcome does (a rejected or duplicate
+        # child, or a failed relaxation, is a child that did not pay off)
+        if operator and evaluation.status is not Status.SKIPPED:
+            self._stats(operator)["judged"] += 1
         if evaluation.status not in (Status.RELAXED,) or evaluation.relaxed is None:
             return
         self.told += 1
@@ -197,9 +227,9 @@ class GeneticSearch(SearchAlgorithm):
         best_before = min((m.scores[0] for m in self.population), default=np.inf)
         entered = self._insert(member, evaluation.duplicate_of, evaluation.supersedes)
         if operator and entered:
-            self.operator_stats[operator]["entered"] += 1
+            self._stats(operator)["entered"] += 1
             if scores[0] < best_before - 1e-6:
-                self.operator_stats[operator]["new_best"] += 1
+                self._stats(operator)["new_best"] += 1
         self._update_hall_of_fame(member, evaluation.duplicate_of)
         if self.told % self.ga.population_size == 0:
             record = self._statistics.compile(self.population)

@@ -55,6 +55,8 @@ SOFT_AMPLITUDE_STEPS = (1.0, 0.7, 0.5, 0.35, 0.25)
 SOFT_REPAIR_SLACK = 0.25
 # Lattice strain retries shrink sigma by this factor every second attempt.
 STRAIN_SHRINK = 0.5
+# Heredity: random cut planes tried per child; the one breaking the fewest bonds is used.
+CUT_CANDIDATES = 8
 # Heredity: surplus atoms near a cut plane are the likeliest to sit badly, so their removal score gets
 # this bonus, fading over about an ångström.
 PLANE_WEIGHT = 0.5
@@ -234,6 +236,52 @@ def _fix_content(
     return WorkingCell(cell.lattice, cell.frac[rank], cell.symbols[rank])
 
 
+def _bonds_along(cell: WorkingCell) -> tuple[np.ndarray, np.ndarray]:
+    """Each bond (pair within BOND_FACTOR x the covalent sum) as the fractional coordinates of its two
+    ends, unwrapped so the second is the bonded image of the first: (start, end), each (B, 3)."""
+    radii = covalent_radii[atomic_numbers_of(cell.symbols)]
+    cutoff = BOND_FACTOR * 2.0 * float(radii.max())
+    try:
+        i, j, vectors, distances = cell_pairs(cell.lattice, cell.frac, cutoff)
+    except FlatCellError:
+        return np.zeros((0, 3)), np.zeros((0, 3))
+    bonded = distances < BOND_FACTOR * (radii[i] + radii[j])
+    start = cell.frac[i[bonded]]
+    return start, start + vectors[bonded] @ np.linalg.inv(cell.lattice)
+
+
+def _crossings(bonds: tuple[np.ndarray, np.ndarray], axis: int, planes: np.ndarray) -> np.ndarray:
+    """How many bonds each plane (fractional position along ``axis``, any periodic image) cuts."""
+    start, end = bonds
+    low = np.minimum(start[:, axis], end[:, axis])[:, None]
+    high = np.maximum(start[:, axis], end[:, axis])[:, None]
+    # images of the plane strictly between the two ends
+    return (np.floor(high - planes[None, :]) - np.ceil(low - planes[None, :]) + 1).clip(min=0).sum(axis=0)
+
+
+def _motif_preserving_cut(
+    piece_a: WorkingCell, piece_b: WorkingCell, rng: np.random.Generator
+) -> tuple[_Cut, np.ndarray]:
+    """The cut planes and B's shift among CUT_CANDIDATES random ones that break the fewest bonds.
+
+    A plane through the middle of coordination polyhedra (SiO4 tetrahedra, AlO6 octahedra, a layer)
+    leaves the child with under-coordinated fragments on both sides of the seam; a plane through the gaps
+    between them hands over whole motifs, which is what heredity is meant to pass on. Each bond is
+    counted once from each end, for both parents' slabs at the same two planes.
+    """
+    bonds_a, bonds_b = _bonds_along(piece_a), _bonds_along(piece_b)
+    best, best_score = None, np.inf
+    for _ in range(CUT_CANDIDATES):
+        cut = _Cut(int(rng.integers(3)), float(rng.random()), float(rng.uniform(0.25, 0.75)))
+        shift = rng.random(3)
+        planes = np.array([cut.start, cut.start + cut.fraction])
+        score = _crossings(bonds_a, cut.axis, planes).sum()
+        score += _crossings(bonds_b, cut.axis, planes - shift[cut.axis]).sum()
+        if score < best_score:
+            best, best_score = (cut, shift), score
+    return best
+
+
 def _splice(
     parent_a: WorkingCell,
     parent_b: WorkingCell,
@@ -246,9 +294,9 @@ def _splice(
     n_atoms = sum(content.values())
     piece_a = _resized(parent_a, n_atoms, rng)
     piece_b = _aligned(_resized(parent_b, n_atoms, rng), piece_a.lattice)
-    cut = _Cut(int(rng.integers(3)), float(rng.random()), float(rng.uniform(0.25, 0.75)))
+    cut, shift = _motif_preserving_cut(piece_a, piece_b, rng)
     lattice = _blend(piece_a.lattice, piece_b.lattice, cut.fraction, n_atoms * volume_per_atom)
-    frac_b = (piece_b.frac + rng.random(3)) % 1.0
+    frac_b = (piece_b.frac + shift) % 1.0
     from_a = cut.in_first(piece_a.frac)
     from_b = ~cut.in_first(frac_b)
     child = WorkingCell(
