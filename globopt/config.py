@@ -146,11 +146,12 @@ class GAConfig(_Section):
     tournament_size: int = Field(3, ge=2)
     operators: dict[str, float] = Field(
         default_factory=lambda: {
-            "heredity": 0.45,
-            "lattice_strain": 0.15,
+            "heredity": 0.4,
+            "lattice_strain": 0.1,
             "permutation": 0.1,
             "coordinate": 0.1,
             "soft": 0.1,
+            "symmetric": 0.1,
             "immigrant": 0.1,
         },
         description="relative probability of each variation operator",

@@ -25,6 +25,7 @@ from globopt.search.operators import (
     permutation,
     random_immigrant,
     soft_mutation,
+    symmetric_mutation,
 )
 from globopt.search.pyxtal_sampling import compatible_spacegroups
 
@@ -86,6 +87,9 @@ def apply(operator: str, name: str, a: int, b: int, rng: np.random.Generator) ->
         return coordinate_mutation(parents[a], limits, rng)
     if operator == "soft":
         return soft_mutation(parents[a], limits, rng)
+    if operator == "symmetric":
+        return symmetric_mutation(parents[a], limits, rng)
+    assert operator == "immigrant", f"no test driver for operator {operator!r}"
     made = random_immigrant(content, limits, rng)
     return None if made is None else made[0]
 
@@ -447,3 +451,26 @@ def test_heredity_cuts_between_motifs_rather_than_through_them() -> None:
         planes = rng.random(2)
         random += _crossings(bonds, 2, planes).sum()
     assert chosen < 0.2 * random
+
+
+def test_symmetric_mutation_keeps_the_parents_space_group() -> None:
+    """Rutile (P4_2/mnm, 6 atoms) moved within its group stays P4_2/mnm and is a new structure; a P1 parent
+    is declined."""
+    from pymatgen.core import Lattice
+
+    rutile = Structure.from_spacegroup(
+        "P4_2/mnm", Lattice.tetragonal(4.59, 2.96), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]
+    )
+    limits = geometry_limits({"Ti": 2, "O": 4}, [2, 4], 0.6, (0.4, 8.0))
+    rng = np.random.default_rng(4)
+    children = [symmetric_mutation(rutile, limits, rng) for _ in range(5)]
+    assert all(child is not None for child in children)
+    for child in children:
+        assert child.get_space_group_info(symprec=1e-3)[1] == 136
+        assert validity_problem(child, {"Ti": 2, "O": 4}, limits) == ""
+        assert largest_move(rutile, child) > 0.01 or not np.allclose(child.lattice.abc, rutile.lattice.abc)
+    skewed = Structure(Lattice([[4.1, 0.3, 0.2], [0.1, 4.4, 0.4], [0.3, 0.2, 3.9]]), ["Ti", "O", "O"],
+                       [[0.02, 0.01, 0.03], [0.31, 0.27, 0.05], [0.66, 0.71, 0.52]])  # fmt: skip
+    assert (
+        symmetric_mutation(skewed, geometry_limits({"Ti": 1, "O": 2}, [1, 2], 0.6, (0.4, 8.0)), rng) is None
+    )

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from globopt.search.operators import OPERATORS
+
 
 @dataclass
 class EvaluatedStructure:
@@ -45,8 +47,9 @@ class FirstHit:
 #   pso-move       a PSO particle moved toward its own and the swarm's best
 #   generator      a structure from a trained generative model (initial_population.generator)
 #   random         a random search's structure (every one is random)
+# the GA's operators come from its registry, so a new operator has its own class
 ORIGIN_CLASSES = (
-    "init", "immigrant", "pso-regen", "heredity", "lattice_strain", "permutation", "coordinate", "soft",
+    "init", "immigrant", "pso-regen", *(name for name in OPERATORS if name != "immigrant"),
     "pso-move", "generator", "random",
 )  # fmt: skip
 _OPERATOR_CLASS = {

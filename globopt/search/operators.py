@@ -502,6 +502,37 @@ def _largest_move(cell: WorkingCell, moved: Structure) -> float:
     return float(np.linalg.norm(diff @ cell.lattice, axis=1).max())
 
 
+def symmetric_mutation(
+    parent: Structure,
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+    amplitude: float = 0.4,
+    strain: float = 0.08,
+    symprec: float = 0.1,
+) -> Structure | None:
+    """Move the parent within its own space group: a random displacement and cell strain, each averaged
+    over the parent's symmetry operations, so every Wyckoff position keeps its site symmetry.
+
+    The symmetric subspace of a structure is small (a few free coordinates and lattice parameters), and the
+    ground states of most compounds lie in such subspaces; a move that stays there explores them far more
+    efficiently than a move in all 3N+6 dimensions, and the relaxation that follows (rattled) may still
+    break the symmetry where that lowers the energy. Parents without symmetry (P1 at ``symprec``) have no
+    such subspace: the operator declines them, and the GA draws another operator.
+    """
+    from globopt.search.structure_difference import symmetric_move
+
+    content = _parent_content(parent)
+    for attempt in range(ATTEMPTS):
+        scale = STRAIN_SHRINK ** (attempt // 2)
+        moved = symmetric_move(parent, rng, amplitude * scale, strain * scale, symprec)
+        if moved is None:
+            return None
+        result = finish(cell_of(moved), content, limits, repair=False)
+        if result is not None:
+            return result
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # immigrants
 
@@ -584,6 +615,13 @@ VARIATION_OPERATORS: dict[str, VariationOperator] = _registry(
         1,
         lambda parents, content, limits, rng, ga: soft_mutation(
             parents[0], limits, rng, amplitude=ga.soft_amplitude
+        ),
+    ),
+    VariationOperator(
+        "symmetric",
+        1,
+        lambda parents, content, limits, rng, ga: symmetric_mutation(
+            parents[0], limits, rng, amplitude=ga.coordinate_sigma, strain=ga.strain_sigma
         ),
     ),
     VariationOperator("immigrant", 0, None),

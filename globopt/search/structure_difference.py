@@ -316,3 +316,46 @@ def symmetrized(structure: Structure, symprec: float = SYMPREC) -> Structure:
         estimate += (frac[target] + shifts - translation) @ np.linalg.inv(rotation).T
     species = [str(site.specie) for site in structure]
     return Structure(Lattice(new_lattice), species, estimate / len(rotations), to_unit_cell=True)
+
+
+def symmetric_move(
+    structure: Structure, rng: np.random.Generator, amplitude: float, strain: float, symprec: float
+) -> Structure | None:
+    """``structure`` idealised to its space group at ``symprec``, then displaced and strained within it.
+
+    A random Cartesian displacement (``amplitude`` Å RMS per atom) and a random symmetric strain
+    (``strain`` RMS) are each averaged over the group's operations (displacements of symmetry-equivalent
+    atoms follow each other, the metric change keeps the lattice system), so the moved structure has at
+    least the same space group. None when the structure has no symmetry beyond the identity.
+    """
+    ideal = symmetrized(structure, symprec)
+    lattice = ideal.lattice.matrix
+    frac = ideal.frac_coords
+    numbers = np.array(ideal.atomic_numbers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = spglib.get_symmetry((lattice, frac, numbers), symprec=1e-3)
+    if not found or len(found["rotations"]) <= 1:
+        return None
+    rotations = np.asarray(found["rotations"], dtype=float)
+    translations = np.asarray(found["translations"], dtype=float)
+    displacement = rng.normal(0.0, amplitude / np.sqrt(3.0), frac.shape) @ np.linalg.inv(lattice)
+    averaged = np.zeros_like(displacement)
+    for rotation, translation in zip(rotations, translations, strict=True):
+        target = _operation_permutation(frac, numbers, (rotation, translation), lattice, 1e-2)
+        if target is None:
+            return None
+        np.add.at(averaged, target, displacement @ rotation.T)
+    averaged /= len(rotations)
+    metric = lattice @ lattice.T
+    upper = np.triu(rng.normal(0.0, strain, (3, 3)))
+    deformation = np.eye(3) + upper + np.triu(upper, 1).T
+    strained = deformation @ lattice
+    change = strained @ strained.T - metric
+    change = np.einsum("kji,jl,klm->im", rotations, change, rotations) / len(rotations)
+    eigenvalues = np.linalg.eigvalsh(metric + change)
+    if eigenvalues.min() <= 0:
+        return None
+    new_lattice = _sym_function(metric + change, np.sqrt) @ _sym_function(metric, lambda w: w**-0.5) @ lattice
+    species = [str(site.specie) for site in ideal]
+    return Structure(Lattice(new_lattice), species, frac + averaged, to_unit_cell=True)
