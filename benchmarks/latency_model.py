@@ -78,7 +78,7 @@ class LatencyModel:
 
     def evaluate(self, task: RelaxTask, settings, on_step: Callable[[int, float], None] | None = None):
         """What a worker returns for ``task``, after sleeping the drawn relaxation time."""
-        from globopt.evaluator.evaluate import build_requested, worker_label
+        from globopt.evaluator.evaluate import worker_label
 
         started = time.perf_counter()
         minimum, seconds = self.draw(settings.seed, task.candidate_id)
@@ -110,10 +110,20 @@ class LatencyModel:
             worker=worker_label(),
         )
         between = None if on_step is None else (lambda: on_step(0, math.nan))
-        build_requested(task, settings, result, between)
+        _build_requested(task, settings, result, between)
         _sleep_until(started + seconds, on_step)
         result.seconds = result.potential_seconds = time.perf_counter() - started
         return result
+
+
+def _build_requested(task: RelaxTask, settings, result: Evaluation, between) -> None:
+    """The random structures rank 0 asked for (as evaluate() builds them; also for older globopt code)."""
+    if task.generate:
+        from globopt.geometry import GeometryLimits
+        from globopt.search.random_stream import build_for_screening
+
+        limits = GeometryLimits(settings.relax.min_distance, settings.relax.volume_per_atom_range)
+        result.generated = build_for_screening(task.generate, limits, settings.symprec, between)
 
 
 def _analyse(structure: Structure, symprec: float) -> dict:
@@ -132,10 +142,11 @@ def _analyse(structure: Structure, symprec: float) -> dict:
 
 
 def _energy_of(formula: str, candidate_id: int) -> float:
-    """A screen candidate's energy per atom: -5 eV/atom, spread by its composition and a little by its id."""
+    """A screen candidate's energy per atom: -3..-7 eV/atom by composition, spread 0.5 eV/atom by its id
+    (two templates of one composition rarely fall within the energy window of the duplicate check)."""
     digest = hashlib.sha256(formula.encode()).digest()
     base = -3.0 - 4.0 * digest[0] / 255.0
-    return base + 0.2 * (digest[1] / 255.0) + 0.05 * ((candidate_id * 2654435761) % 1000) / 1000.0
+    return base + 0.5 * ((candidate_id * 2654435761) % 1000) / 1000.0
 
 
 def _sleep_until(deadline: float, on_step: Callable[[int, float], None] | None) -> None:
