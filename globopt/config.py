@@ -67,7 +67,21 @@ class PotentialConfig(_Section):
         None, description="'package.module:ClassName' of an ASE calculator (kind: ase)"
     )
     calculator_kwargs: dict[str, Any] = Field(default_factory=dict)
-    device: str = "cpu"
+    device: str = Field(
+        "cpu",
+        description="where the potential runs: cpu, cuda or cuda:N (checked when the config is read: "
+        "the device must exist there)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        from surrogates.potentials import device_problem
+
+        problem = device_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _calculator_given_for_ase(self) -> PotentialConfig:
@@ -90,6 +104,13 @@ class RelaxConfig(_Section):
         le=0.5,
         description="Å: random displacement (normal, per Cartesian component) of every atom before relaxing; "
         "a symmetric start stays on its symmetric saddle under the optimiser, a rattle lets it fall off",
+    )
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="candidates each worker relaxes at once with one batched potential call per optimiser "
+        "step (docs/throughput.md); auto: 8 on a CPU, as many as a share of the GPU's memory holds on "
+        "cuda (up to 256), and 1 for a potential that cannot batch (emt, chgnet, an ASE calculator "
+        "without calculate_batch); a number above 1 needs a potential that batches",
     )
 
 
@@ -407,6 +428,20 @@ class RunConfig(_Section):
         if biggest > MAX_ATOMS:
             raise ValueError(
                 f"formula_units: {biggest} atoms in the largest cell; at most {MAX_ATOMS} allowed"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batching_possible(self) -> RunConfig:
+        from surrogates.potentials import can_batch
+
+        size = self.relax.batch_size
+        if size != "auto" and size > 1 and not can_batch(self.potential.kind, self.potential.calculator):
+            what = self.potential.calculator if self.potential.kind == "ase" else self.potential.kind
+            raise ValueError(
+                f"relax.batch_size: {size} needs a potential that evaluates several structures in one call "
+                f"(potential.kind matgl, or an ASE calculator class with a calculate_batch method); "
+                f"{what} cannot: set relax.batch_size to 1 or auto"
             )
         return self
 

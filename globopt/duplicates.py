@@ -1,8 +1,11 @@
 """Two-stage duplicate detection: a cheap bucket key first, StructureMatcher only within the bucket.
 
 StructureMatcher is exact but costs milliseconds per pair; a search keeps thousands of structures.
-Bucketing by reduced formula and space group (and, for relaxed structures, an energy window) keeps the
-number of full comparisons per query small and independent of archive size in practice.
+Bucketing by reduced formula and space group (and, for relaxed structures, an energy window) narrows the
+field; within a bucket, every entry's cell is held in numpy arrays and tested at once against conditions
+every StructureMatcher match must meet (:class:`_Bucket`: same primitive-cell size, energy window, the
+lattice-length conditions of :func:`lattice_minima` and :func:`vector_lengths`), so a query costs one
+vectorised pass over its bucket and StructureMatcher runs only on the entries that could match.
 """
 
 from __future__ import annotations
@@ -55,6 +58,80 @@ def cell_lengths(reduced: Structure) -> np.ndarray:
     return np.sort(np.array(reduced.lattice.abc)) / reduced.volume ** (1 / 3)
 
 
+def vector_lengths(reduced: Structure, radius: float) -> np.ndarray:
+    """Lengths of the lattice vectors of ``reduced`` up to ``radius``, at unit volume, ascending.
+
+    StructureMatcher maps a query onto an indexed structure only through three vectors of the query's
+    lattice whose lengths are each within a factor (1 + ltol) of one of the indexed cell's lengths (pymatgen's
+    ``Lattice.find_all_mappings``, both cells scaled to equal volume). So every indexed length needs a query
+    vector within that factor: a necessary condition, tested for a whole bucket with two searchsorted calls.
+    """
+    scale = reduced.volume ** (1 / 3)
+    lattice = reduced.lattice
+    points = lattice.get_points_in_sphere(np.zeros((1, 3)), np.zeros(3), radius * scale, zip_results=False)
+    distances = np.asarray(points[1], dtype=float) if len(points) > 1 and len(points[1]) else np.zeros(0)
+    return np.sort(distances[distances > 1e-8]) / scale
+
+
+class _Bucket:
+    """Entries of one bucket in insertion order, with their cell data as arrays for vectorised tests."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self._size = 0
+        self._lengths = np.zeros((8, 3))
+        self._sites = np.zeros(8, dtype=np.int64)
+        self._energy = np.full(8, np.nan)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, entry: _Entry) -> None:
+        if self._size == len(self._sites):
+            self._lengths = np.concatenate([self._lengths, np.zeros_like(self._lengths)])
+            self._sites = np.concatenate([self._sites, np.zeros_like(self._sites)])
+            self._energy = np.concatenate([self._energy, np.full(len(self._energy), np.nan)])
+        self.entries.append(entry)
+        self._set(self._size, entry)
+        self._size += 1
+
+    def replace(self, index: int, entry: _Entry) -> None:
+        self.entries[index] = entry
+        self._set(index, entry)
+
+    def _set(self, index: int, entry: _Entry) -> None:
+        self._lengths[index] = entry.lengths
+        self._sites[index] = len(entry.reduced)
+        self._energy[index] = np.nan if entry.energy is None else entry.energy
+
+    def candidates(
+        self,
+        n_sites: int,
+        minima: np.ndarray,
+        query: Structure,
+        bound: float,
+        energy: float | None,
+        energy_tol: float,
+    ) -> list[_Entry]:
+        """Entries that pass every necessary condition of a match, in insertion order."""
+        n = self._size
+        lengths = self._lengths[:n]
+        keep = self._sites[:n] == n_sites
+        if energy is not None:
+            # entries without an energy (nan) are compared whatever the query's energy
+            keep &= ~(np.abs(self._energy[:n] - energy) > energy_tol)
+        keep &= np.all(minima < bound * lengths, axis=1)
+        if keep.any():
+            radius = bound * float(lengths[keep].max())
+            available = vector_lengths(query, radius)
+            for column in range(3):
+                wanted = lengths[:, column]
+                low = np.searchsorted(available, wanted / bound, side="right")
+                high = np.searchsorted(available, wanted * bound, side="left")
+                keep &= high > low
+        return [self.entries[i] for i in np.flatnonzero(keep)]
+
+
 @dataclass
 class _Entry:
     candidate_id: int
@@ -85,10 +162,12 @@ class DuplicateIndex:
         self._minima_bound = (1 + ltol) * 1.01
         self.symprec = symprec
         self.bucket_by_spacegroup = bucket_by_spacegroup
-        self._buckets: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
+        self._buckets: dict[tuple[str, int], _Bucket] = defaultdict(_Bucket)
+        self._where: dict[int, tuple[tuple[str, int], int]] = {}  # candidate id -> (bucket key, index)
+        self.fits = 0  # StructureMatcher calls, for the cost report
 
     def __len__(self) -> int:
-        return sum(len(entries) for entries in self._buckets.values())
+        return sum(len(bucket) for bucket in self._buckets.values())
 
     def find(
         self,
@@ -105,25 +184,19 @@ class DuplicateIndex:
         ``minima`` (lattice_minima of it) when the caller has them already, e.g. from a worker.
         """
         key = key or self.key(structure)
-        entries = self._buckets.get(key, ())
-        if not entries:
+        bucket = self._buckets.get(key)
+        if not bucket:
             return None
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        for entry in entries:
-            if (
-                energy is not None
-                and entry.energy is not None
-                and abs(entry.energy - energy) > self.energy_tol
-            ):
-                continue
-            # Without supercell matching, primitive cells of different sizes never match.
-            if len(entry.reduced) != len(reduced):
-                continue
-            if minima is None:
-                minima = lattice_minima(reduced)
-            if np.any(minima >= self._minima_bound * entry.lengths):
-                continue  # no lattice mapping within ltol exists (see lattice_minima)
+        if minima is None:
+            minima = lattice_minima(reduced)
+        # Without supercell matching, primitive cells of different sizes never match; the lattice
+        # conditions are those of lattice_minima and vector_lengths.
+        for entry in bucket.candidates(
+            len(reduced), minima, reduced, self._minima_bound, energy, self.energy_tol
+        ):
+            self.fits += 1
             if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
                 return entry.candidate_id
         return None
@@ -140,7 +213,10 @@ class DuplicateIndex:
         if reduced is None:
             reduced = reduced_for_matching(structure)
         entry = _Entry(candidate_id, reduced, energy, cell_lengths(reduced))
-        self._buckets[key or self.key(structure)].append(entry)
+        key = key or self.key(structure)
+        bucket = self._buckets[key]
+        self._where[candidate_id] = (key, len(bucket))
+        bucket.append(entry)
 
     def replace(
         self,
@@ -153,26 +229,20 @@ class DuplicateIndex:
         """Make a better-relaxed copy of an indexed minimum its representative."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        for entries in self._buckets.values():
-            for i, entry in enumerate(entries):
-                if entry.candidate_id == old_id:
-                    entries[i] = _Entry(new_id, reduced, energy, cell_lengths(reduced))
-                    return
-        raise KeyError(old_id)
+        key, index = self._where.pop(old_id)
+        self._buckets[key].replace(index, _Entry(new_id, reduced, energy, cell_lengths(reduced)))
+        self._where[new_id] = (key, index)
 
     def lowest(self, count: int) -> list[tuple[int, float, Structure]]:
         """(candidate id, energy, reduced cell) of the ``count`` lowest-energy entries, lowest first."""
         # called once per task with known_minima on: O(n log count), not a full sort of the archive
-        entries = (e for bucket in self._buckets.values() for e in bucket if e.energy is not None)
+        entries = (e for bucket in self._buckets.values() for e in bucket.entries if e.energy is not None)
         lowest = heapq.nsmallest(count, entries, key=lambda e: (e.energy, e.candidate_id))
         return [(e.candidate_id, e.energy, e.reduced) for e in lowest]
 
     def energy_of(self, candidate_id: int) -> float | None:
-        for entries in self._buckets.values():
-            for entry in entries:
-                if entry.candidate_id == candidate_id:
-                    return entry.energy
-        raise KeyError(candidate_id)
+        key, index = self._where[candidate_id]
+        return self._buckets[key].entries[index].energy
 
     def key(self, structure: Structure) -> tuple[str, int]:
         if self.bucket_by_spacegroup:

@@ -44,6 +44,8 @@ MAX_ATTEMPTS = 3
 # Consecutive candidates rejected before relaxation after which the search is clearly unable to
 # produce sane structures under the configured checks.
 MAX_CONSECUTIVE_REJECTIONS = 500
+# Every this many evaluations the log says what rank 0's CPU cost per evaluation was over them.
+COST_WINDOW = 1000
 # Random structures one worker builds after a relaxation, at most (search/random_stream.py): enough to
 # cover tiny cells, where most random proposals repeat, without delaying results noticeably.
 MAX_PREBUILT_PER_TASK = 16
@@ -206,7 +208,7 @@ class Engine:
             log.info("resuming: %d evaluations committed", used)
         # a finite search (htvs) may end before the budget: show progress against its size
         total = min(budget, self.search.size_hint or budget)
-        loop_started = time.process_time()
+        loop_started = window_cpu = time.process_time()
         notify(self.observers, self.costs.observers, "run_started", self.archive, self.best, used, total)
         scheduler = make_scheduler(self.settings, self.workers)
         stream = self.search.random_stream if scheduler.runs_elsewhere else None
@@ -267,6 +269,8 @@ class Engine:
                         continue
                     self.commit(evaluation)
                     used += 1
+                    if (used - used_at_start) % COST_WINDOW == 0:
+                        window_cpu = self._log_window_cost(used, window_cpu)
                     self._force_calls += evaluation.n_force_calls
                     potential_seconds += evaluation.potential_seconds
                     relax_seconds += evaluation.seconds
@@ -304,6 +308,16 @@ class Engine:
             relax_seconds=relax_seconds,
             interrupted=interrupted,
         )
+
+    def _log_window_cost(self, used: int, since: float) -> float:
+        """Rank 0's whole CPU per evaluation over the last COST_WINDOW evaluations (users sizing a job read
+        how it grows with the archive); returns the new window's start."""
+        now = time.process_time()
+        log.info(
+            "rank 0: %.2f ms CPU per evaluation over evaluations %d-%d",
+            1000 * (now - since) / COST_WINDOW, used - COST_WINDOW + 1, used,
+        )  # fmt: skip
+        return now
 
     def _target_reached(self) -> bool:
         """budget.target_enthalpy_per_atom met: the run hands out no new work (in-flight work finishes)."""

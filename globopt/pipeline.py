@@ -95,6 +95,7 @@ def evaluator_settings(config: RunConfig, search: SearchAlgorithm) -> EvaluatorS
         known_minima=known_minima,
         rattle=config.relax.rattle,
         seed=config.seed,
+        batch_size=None if config.relax.batch_size == "auto" else config.relax.batch_size,
     )
 
 

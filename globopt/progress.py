@@ -2,19 +2,31 @@
 
 On a terminal: a live progress bar (evaluations, rate, best so far) with a line printed only when the
 best improves. Elsewhere (batch jobs, pipes): plain log lines, one per finished evaluation. The run's
-globopt.log always gets the one-line-per-evaluation record.
+globopt.log always gets the same record.
+
+At hundreds of evaluations per second a line each would flood both, so per-evaluation lines are rationed
+(:data:`LINES_PER_SECOND` on average, bursts of :data:`LINE_BURST`); beyond that, one summary line every
+:data:`SUMMARY_SECONDS` counts what finished by status and the rate, and every new best still gets its line.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 from globopt.candidate import Evaluation, Status
 
 log = logging.getLogger("globopt")
 eval_log = logging.getLogger("globopt.evaluations")
+
+# per-evaluation log lines: at most this many per second on average, in bursts of up to LINE_BURST ...
+LINES_PER_SECOND = 5.0
+LINE_BURST = 100
+# ... and beyond that one summary line per this many seconds
+SUMMARY_SECONDS = 10.0
 
 
 def configure_logging(log_file: Path | None, interactive: bool, verbose: bool = False) -> None:
@@ -68,6 +80,10 @@ class Progress:
         self._task = None
         self.done = 0
         self.total = 0
+        self._tokens = float(LINE_BURST)
+        self._refilled = time.monotonic()
+        self._unlogged: Counter[str] = Counter()
+        self._summary_since = time.monotonic()
 
     def start(self, total: int, done: int, best: tuple[float, int, str | None] | None) -> None:
         self.total, self.done = total, done
@@ -89,14 +105,44 @@ class Progress:
         self, evaluation: Evaluation, duplicate_of: int | None, best: tuple[float, int, str | None] | None
     ) -> None:
         self.done += 1
-        line = f"[{self.done}/{self.total}] {format_evaluation(evaluation, duplicate_of)}"
-        eval_log.info(line)
+        new_best = best is not None and best[1] == evaluation.candidate_id
+        if self._take_line():
+            eval_log.info(f"[{self.done}/{self.total}] {format_evaluation(evaluation, duplicate_of)}")
+        else:
+            self._unlogged[evaluation.status.value] += 1
+            if new_best and self._bar is None:
+                log.info("new best: %s", _best_text(best))
+            if time.monotonic() - self._summary_since >= SUMMARY_SECONDS:
+                self._summarise()
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, best=_best_text(best))
-            if best is not None and best[1] == evaluation.candidate_id:
+            if new_best:
                 log.info("new best: %s", _best_text(best))
 
+    def _take_line(self) -> bool:
+        """Whether this evaluation gets its own line (a token bucket: LINES_PER_SECOND, LINE_BURST)."""
+        now = time.monotonic()
+        self._tokens = min(LINE_BURST, self._tokens + (now - self._refilled) * LINES_PER_SECOND)
+        self._refilled = now
+        if self._tokens >= 1 and not self._unlogged:
+            self._tokens -= 1
+            return True
+        return False
+
+    def _summarise(self) -> None:
+        """One line for the evaluations that got none since the last summary."""
+        now = time.monotonic()
+        count = sum(self._unlogged.values())
+        if count:
+            seconds = max(now - self._summary_since, 1e-9)
+            by_status = ", ".join(f"{n} {status}" for status, n in self._unlogged.most_common())
+            rate = f"{count} evaluations in {seconds:.0f} s ({count / seconds:.0f}/s)"
+            eval_log.info(f"[{self.done}/{self.total}] {rate}: {by_status}")
+        self._unlogged.clear()
+        self._summary_since = now
+
     def close(self) -> None:
+        self._summarise()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -42,24 +42,41 @@ class Scheduler(ABC):
 
 
 class SerialScheduler(Scheduler):
-    """Relax in this process, one at a time (workers: 1). No pickling, no start-up cost."""
+    """Relax in this process (workers: 1): one at a time, or a batch when the potential batches.
+
+    No pickling, no start-up cost. With a batching potential the capacity is the batch size, and collect()
+    advances the whole batch step by step until at least one candidate finishes.
+    """
 
     def __init__(self, settings: EvaluatorSettings) -> None:
+        from globopt.evaluator.batch_evaluate import BatchEvaluator, worker_limits
+
         self.settings = settings
-        self.capacity = 1
         self._queue: list[RelaxTask] = []
         prepare_worker(settings)
+        limits = worker_limits(settings)
+        self.capacity = limits.structures
+        self._batch = BatchEvaluator(settings, limits) if limits.batched else None
 
     def submit(self, task: RelaxTask) -> None:
-        self._queue.append(task)
+        if self._batch is not None:
+            self._batch.submit(task)
+        else:
+            self._queue.append(task)
 
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
-        task = self._queue.pop(0)
-        return [(task, evaluate(task, self.settings))]
+        if self._batch is None:
+            task = self._queue.pop(0)
+            return [(task, evaluate(task, self.settings))]
+        while len(self._batch):
+            finished = self._batch.step()
+            if finished:
+                return finished
+        return []
 
     @property
     def in_flight(self) -> int:
-        return len(self._queue)
+        return len(self._batch) if self._batch is not None else len(self._queue)
 
 
 class ProcessPoolScheduler(Scheduler):
@@ -136,10 +153,10 @@ def _worker_died(task: RelaxTask) -> Evaluation:
 class MPIScheduler(Scheduler):
     """The worker ranks of an ``mpiexec`` launch, seen from rank 0 (the protocol is in globopt/mpi/).
 
-    capacity is twice the number of live worker ranks: one task relaxing and one queued per rank, so a
-    rank that finishes starts its next task at once instead of waiting while rank 0 commits the result
-    and screens a new candidate. It shrinks when a rank dies; a dead rank's task comes back from
-    collect() as WORKER_DIED like a dead pool process's.
+    capacity is the slots of the live worker ranks (one each, or relax.batch_size on a batching rank)
+    plus one task queued per rank, so a rank that finishes starts its next task at once instead of waiting
+    while rank 0 commits the result and screens a new candidate. It shrinks when a rank dies; a dead rank's
+    tasks come back from collect() as WORKER_DIED like a dead pool process's.
     """
 
     QUEUED_PER_RANK = 1
@@ -152,7 +169,7 @@ class MPIScheduler(Scheduler):
         self._update_capacity()
 
     def _update_capacity(self) -> None:
-        self.capacity = self._pool.capacity * (1 + self.QUEUED_PER_RANK)
+        self.capacity = self._pool.capacity + self._pool.live_ranks * self.QUEUED_PER_RANK
 
     def submit(self, task: RelaxTask) -> None:
         self._pool.submit(task)

@@ -436,7 +436,8 @@ def make_calculator(model: str = DEFAULT_MODEL, device: str = "cpu") -> Calculat
     sign already matches ASE (positive = tensile, the cell wants to shrink), as checked against the
     matgl 2.0.4 reference data. Voigt output avoids ASE's per-call 3x3 conversion warning.
     """
-    from matgl.ext.ase import PESCalculator
+    from surrogates.m3gnet_batch import batched_calculator_class
 
     potential, _ = load_potential(model, device)
-    return PESCalculator(potential, stress_unit="eV/A3", use_voigt=True)
+    # a matgl PESCalculator that can also evaluate several structures in one call (m3gnet_batch.py)
+    return batched_calculator_class()(potential, stress_unit="eV/A3", use_voigt=True)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ase.calculators.calculator import Calculator, all_changes
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 # ASE's EMT has parameters for exactly these elements.
 EMT_ELEMENTS = frozenset({"Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O"})
@@ -29,6 +33,54 @@ class PotentialBuildError(RuntimeError):
 
     Raised on the worker and re-raised on rank 0 (it pickles), where the CLI reports it as the user's to fix.
     """
+
+
+@runtime_checkable
+class BatchPotential(Protocol):
+    """A potential that evaluates several structures in one call (globopt/evaluator/batch_relax.py).
+
+    Returns, per structure and in order, a dict with ``energy`` (eV), ``forces`` (eV/Å, (N, 3)) and
+    ``stress`` (Voigt, eV/Å³, ASE's sign), the results an ASE calculator would give for that structure
+    alone. Any ASE calculator class with such a ``calculate_batch`` method is batched by globopt
+    (``potential.kind: ase``); matgl's M3GNet is (surrogates/m3gnet_batch.py).
+    """
+
+    def calculate_batch(self, atoms_list: Sequence[Atoms]) -> list[dict[str, Any]]: ...
+
+
+def batch_potential(calculator: Calculator) -> BatchPotential | None:
+    """The calculator as a batched potential, or None when it can only take one structure per call."""
+    return calculator if isinstance(calculator, BatchPotential) else None
+
+
+def can_batch(kind: str, calculator: str | None = None) -> bool:
+    """Whether a potential config batches, decided without loading a model (config validation)."""
+    if kind == "matgl":
+        return True
+    if kind == "ase" and calculator:
+        try:
+            cls = _import_calculator(calculator)
+        except PotentialUnavailableError:
+            return False
+        return callable(getattr(cls, "calculate_batch", None))
+    return False
+
+
+def device_problem(device: str) -> str:
+    """Why a potential cannot run on ``device`` here ('' when it can): cpu, cuda or cuda:N that exists."""
+    name, _, index = device.partition(":")
+    if name == "cpu" and not index:
+        return ""
+    if name != "cuda" or (index and not index.isdigit()):
+        return f"unknown device {device!r}; expected cpu, cuda or cuda:N"
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"device {device!r}: no CUDA device is visible here (torch {torch.__version__}); use cpu"
+    if index and int(index) >= count:
+        return f"device {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})"
+    return ""
 
 
 def covered_elements(kind: str, model: str) -> frozenset[str] | None:

@@ -368,3 +368,38 @@ def test_m3gnet_on_three_ranks(tmp_path: Path, models_dir: Path) -> None:
     rows = _evaluated(out)
     assert len(rows) == 4 and len({r["worker"] for r in rows}) == 2
     assert all(float(r["energy_per_atom"]) < -2.5 for r in rows if r["status"] == "relaxed")
+
+
+@pytest.mark.mpi
+def test_a_worker_rank_killed_in_the_middle_of_a_batch_hands_back_its_whole_batch(tmp_path: Path) -> None:
+    """Batching ranks (BatchedEMT, 3 candidates each): the calculator marks a chosen batched call on disk,
+    the test kills that rank then; every candidate it held is re-issued, nothing is committed twice."""
+    import psutil
+
+    _require_mpiexec(hydra=True)
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    config = write_config(
+        tmp_path, name="batch", composition="Cu2Au2", seed=11, budget={"evaluations": 12},
+        potential={"kind": "ase", "calculator": "batch_calculators:MarkingBatchedEMT"},
+        relax={"batch_size": 3, "max_steps": 150},
+    )  # fmt: skip
+    tests_dir = str(Path(__file__).parent)
+    process = _mpi_globopt(
+        3, "run", str(config), "--out", str(out), cwd=tmp_path, flags=("-disable-auto-cleanup",),
+        GLOBOPT_MPI_HEARTBEAT_TIMEOUT="5", GLOBOPT_TEST_MARKER=str(marker), GLOBOPT_TEST_MARK_AT="4",
+        PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+    )  # fmt: skip
+    try:
+        wait_for(marker.exists, 120, "the marked batched call")
+        victim = psutil.Process(int(marker.read_text()))
+        victim.kill()
+        output = _finish(process, timeout=240)
+    finally:
+        _kill_tree(process.pid)
+    assert process.returncode == 0, output
+    assert re.search(r"silent for .* while relaxing candidate\(s\) \d+, \d+", output), output
+    rows = committed(out)
+    assert len(rows) == 12
+    logged = logged_ids(out)
+    assert len(logged) == len(set(logged)) == 12
+    assert {r["worker"] for r in _evaluated(out)} - {f"{os.uname().nodename}:{victim.pid}"}

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ase import Atoms
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from globopt.candidate import Evaluation, RelaxTask, Status
 from globopt.evaluator.early_stop import EarlyStopper, EarlyStopSettings
 from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimaWatch
-from globopt.evaluator.relax import RelaxSettings, relax
+from globopt.evaluator.relax import RelaxOutcome, RelaxSettings, relax
 from globopt.geometry import GeometryLimits, closest_pair_violation
 from globopt.structure_codec import structure_to_json
 from surrogates.potentials import PotentialBuildError, build_calculator
@@ -47,6 +48,7 @@ class EvaluatorSettings:
     known_minima: KnownMinimaSettings | None = None  # surrogate.early_stop.known_minima; the task's minima
     rattle: float = 0.0  # relax.rattle, Å
     seed: int = 0  # the run's seed: with the candidate id it fixes the rattle, so a re-issue repeats it
+    batch_size: int | None = None  # relax.batch_size (None: auto); evaluator/batch_size.py decides
 
 
 def worker_label() -> str:
@@ -74,34 +76,50 @@ def evaluate(
     to relax(): MPI workers send heartbeats and honour stop requests from it, the local backends pass
     nothing.
     """
-    result = _relax_and_analyse(task, settings, on_step)
+    calculator = _calculator(settings)
+    atoms, stopper, watch = prepare(task, settings)
+    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper, watch=watch)
+    result = analyse(task, settings, outcome)
+    between = None if on_step is None else (lambda: on_step(0, math.nan))
+    build_requested(task, settings, result, between)
+    return result
+
+
+def _calculator(settings: EvaluatorSettings):
+    try:
+        return build_calculator(**settings.potential)
+    except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
+        raise PotentialBuildError(f"cannot build the potential: {exc}") from exc
+
+
+def build_requested(
+    task: RelaxTask, settings: EvaluatorSettings, result: Evaluation, between: Callable[[], None] | None
+) -> None:
+    """Build the random structures the task asked for (RelaxTask.generate) into the result."""
     if task.generate:
         from globopt.search.random_stream import build_for_screening
 
         limits = GeometryLimits(settings.relax.min_distance, settings.relax.volume_per_atom_range)
-        between = None if on_step is None else (lambda: on_step(0, math.nan))
         result.generated = build_for_screening(task.generate, limits, settings.symprec, between)
-    return result
 
 
-def _relax_and_analyse(
-    task: RelaxTask, settings: EvaluatorSettings, on_step: Callable[[int, float], None] | None
-) -> Evaluation:
-    try:
-        calculator = build_calculator(**settings.potential)
-    except Exception as exc:  # a broken model is the user's problem to fix; the engine reports and stops
-        raise PotentialBuildError(f"cannot build the potential: {exc}") from exc
+def prepare(task: RelaxTask, settings: EvaluatorSettings) -> tuple[Atoms, EarlyStopper | None, Any]:
+    """The starting atoms (rattled), and the early stop and known-minima watch this task asks for."""
     atoms = AseAtomsAdaptor.get_atoms(task.structure)
-    n_atoms = len(atoms)
     if settings.rattle > 0:
         atoms.positions += rattle_within_limits(atoms, settings, task.candidate_id)
     stopper = None
     if settings.early_stop is not None and task.best_enthalpy_per_atom is not None:
-        stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, n_atoms)
+        stopper = EarlyStopper(settings.early_stop, task.best_enthalpy_per_atom, len(atoms))
     watch = None
     if settings.known_minima is not None and task.known_minima:
         watch = KnownMinimaWatch(settings.known_minima, task.known_minima)
-    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper, watch=watch)
+    return atoms, stopper, watch
+
+
+def analyse(task: RelaxTask, settings: EvaluatorSettings, outcome: RelaxOutcome) -> Evaluation:
+    """The Evaluation of a finished relaxation: status, energies, space group, the reduced cell."""
+    n_atoms = len(outcome.atoms)
     result = Evaluation(
         candidate_id=task.candidate_id,
         status=Status.RELAXED,

@@ -87,82 +87,153 @@ def relax(
     ``stopped_early``; ``watch`` (known_minima.py) ends one falling into a minimum the search has found
     already, also as ``stopped_early``.
     """
-    start = time.perf_counter()
-    atoms = atoms.copy()
-    timed = TimedCalculator(calculator)
-    atoms.calc = timed
-    pressure = settings.pressure_gpa * units.GPa
-    target = FastFrechetCellFilter(atoms, scalar_pressure=pressure) if settings.relax_cell else atoms
-    optimizer = OPTIMIZERS[settings.optimizer](target, logfile=None)
-    n_atoms = len(atoms)
-    energies: list[float] = []
-    enthalpies: list[float] = []
-    failure: str | None = None
-    reason = ""
-    converged = False
-    steps = 0
-    try:
-        for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
-            steps = optimizer.nsteps
-            energy = float(atoms.get_potential_energy())
-            energies.append(energy)
-            if on_step is not None:
-                on_step(steps, energy)
-            failure, reason = _guard(
-                atoms, energy, n_atoms, settings, check_geometry=steps % GEOMETRY_CHECK_INTERVAL == 0
-            )
-            if failure or converged:
-                break
-            if stopper is not None:
-                enthalpies.append(energy + pressure * atoms.get_volume())
-                if stopper.hopeless(enthalpies):
-                    failure = "stopped_early"
-                    reason = (
-                        f"projected {stopper.projected_per_atom:.3f} eV/atom after {steps} steps, more than "
-                        f"{stopper.settings.margin} above the best {stopper.best_enthalpy_per_atom:.3f}"
-                    )
-                    break
-            if watch is not None:
-                enthalpy = energy + pressure * atoms.get_volume()
-                minimum = watch.check(steps, atoms, enthalpy / n_atoms)
-                if minimum is not None:
-                    failure = "stopped_early"
-                    reason = (
-                        f"falling into known minimum {minimum.candidate_id} "
-                        f"({minimum.enthalpy_per_atom:.4f} eV/atom) after {steps} steps"
-                    )
-                    break
-        if not failure:
-            failure, reason = _guard(atoms, float(atoms.get_potential_energy()), n_atoms, settings, True)
-    except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
-        failure, reason = "error", f"{type(exc).__name__}: {exc}"
+    relaxation = Relaxation(atoms, TimedCalculator(calculator), settings, on_step, stopper, watch)
+    while not relaxation.advance():
+        pass
+    return relaxation.outcome()
 
-    energy = float("nan")
-    max_force = float("nan")
-    if failure not in ("error",):
+
+class Relaxation:
+    """One relaxation as a sequence of optimiser steps, each started by the caller once the potential can
+    answer for the current configuration.
+
+    The loop is ASE's ``Dynamics.irun`` (initial evaluation, convergence check, then step / evaluate /
+    check until converged or ``max_steps``), written out so that the evaluation can come from outside:
+    :func:`relax` lets the calculator compute lazily, one structure at a time, while the batched driver
+    (batch_relax.py) serves the results of one batched potential call to many relaxations in lockstep.
+    Both therefore take the same steps, guards and early stops, structure by structure.
+    """
+
+    def __init__(
+        self,
+        atoms: Atoms,
+        calculator: Calculator,
+        settings: RelaxSettings,
+        on_step: Callable[[int, float], None] | None = None,
+        stopper: EarlyStopper | None = None,
+        watch: KnownMinimaWatch | None = None,
+    ) -> None:
+        self.started = time.perf_counter()
+        self.atoms = atoms.copy()
+        self.atoms.calc = calculator
+        self.calculator = calculator
+        self.settings = settings
+        self.on_step, self.stopper, self.watch = on_step, stopper, watch
+        self.pressure = settings.pressure_gpa * units.GPa
+        self.target = (
+            FastFrechetCellFilter(self.atoms, scalar_pressure=self.pressure)
+            if settings.relax_cell
+            else self.atoms
+        )
+        self.optimizer = OPTIMIZERS[settings.optimizer](self.target, logfile=None)
+        self.optimizer.fmax = settings.fmax
+        self.optimizer.max_steps = settings.max_steps
+        self.n_atoms = len(self.atoms)
+        self.energies: list[float] = []
+        self.enthalpies: list[float] = []
+        self.failure: str | None = None
+        self.reason = ""
+        self.converged = False
+        self.steps = 0
+        self.finished = False
+        # counted by the driver when it serves batched results; TimedCalculator counts the single path
+        self.served_calls = 0
+        self.served_seconds = 0.0
+
+    def advance(self) -> bool:
+        """Use the potential at the current configuration: check, guard, then move; True once finished.
+
+        One call is one ``yield`` of ``irun`` and the step after it, so after a call that returns False
+        the configuration has changed and the next call needs the potential there.
+        """
         try:
-            energy = float(atoms.get_potential_energy())
-            max_force = float(np.abs(atoms.get_forces()).max()) if n_atoms else 0.0
-        except Exception as exc:
-            failure, reason = "error", f"{type(exc).__name__}: {exc}"
-    final = atoms.copy()
-    final.calc = None
-    return RelaxOutcome(
-        atoms=final,
-        energy=energy,
-        n_steps=steps,
-        converged=bool(converged) and failure is None,
-        max_force=max_force,
-        n_force_calls=timed.calls,
-        potential_seconds=timed.seconds,
-        seconds=time.perf_counter() - start,
-        failure=failure,
-        reason=reason,
-        energies=energies,
-        pv=pressure * final.get_volume(),
-        projected_enthalpy_per_atom=_projection(failure, stopper, watch),
-        known_minimum=watch.entered.candidate_id if watch is not None and watch.entered else None,
-    )
+            self.converged = bool(self.optimizer.converged())
+            self.steps = steps = self.optimizer.nsteps
+            energy = float(self.atoms.get_potential_energy())
+            self.energies.append(energy)
+            if self.on_step is not None:
+                self.on_step(steps, energy)
+            check_geometry = steps % GEOMETRY_CHECK_INTERVAL == 0
+            self.failure, self.reason = _guard(
+                self.atoms, energy, self.n_atoms, self.settings, check_geometry
+            )
+            if self.failure or self.converged or self._stopped_early(steps, energy):
+                return self._finish()
+            if steps >= self.optimizer.max_steps:
+                return self._finish()
+            self.optimizer.step()
+            self.optimizer.nsteps += 1
+            return False
+        except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
+            return self.fail(exc)
+
+    def fail(self, exc: Exception) -> bool:
+        """End with an ``error`` outcome (the potential raised while evaluating this structure)."""
+        self.failure, self.reason = "error", f"{type(exc).__name__}: {exc}"
+        self.finished = True
+        return True
+
+    def _stopped_early(self, steps: int, energy: float) -> bool:
+        stopper, watch = self.stopper, self.watch
+        if stopper is not None:
+            self.enthalpies.append(energy + self.pressure * self.atoms.get_volume())
+            if stopper.hopeless(self.enthalpies):
+                self.failure = "stopped_early"
+                self.reason = (
+                    f"projected {stopper.projected_per_atom:.3f} eV/atom after {steps} steps, more than "
+                    f"{stopper.settings.margin} above the best {stopper.best_enthalpy_per_atom:.3f}"
+                )
+                return True
+        if watch is not None:
+            enthalpy = energy + self.pressure * self.atoms.get_volume()
+            minimum = watch.check(steps, self.atoms, enthalpy / self.n_atoms)
+            if minimum is not None:
+                self.failure = "stopped_early"
+                self.reason = (
+                    f"falling into known minimum {minimum.candidate_id} "
+                    f"({minimum.enthalpy_per_atom:.4f} eV/atom) after {steps} steps"
+                )
+                return True
+        return False
+
+    def _finish(self) -> bool:
+        if not self.failure:
+            energy = float(self.atoms.get_potential_energy())
+            self.failure, self.reason = _guard(self.atoms, energy, self.n_atoms, self.settings, True)
+        self.finished = True
+        return True
+
+    def outcome(self) -> RelaxOutcome:
+        atoms, failure, reason = self.atoms, self.failure, self.reason
+        energy = float("nan")
+        max_force = float("nan")
+        if failure != "error":
+            try:
+                energy = float(atoms.get_potential_energy())
+                max_force = float(np.abs(atoms.get_forces()).max()) if self.n_atoms else 0.0
+            except Exception as exc:
+                failure, reason = "error", f"{type(exc).__name__}: {exc}"
+        final = atoms.copy()
+        final.calc = None
+        timed = self.calculator if isinstance(self.calculator, TimedCalculator) else None
+        return RelaxOutcome(
+            atoms=final,
+            energy=energy,
+            n_steps=self.steps,
+            converged=self.converged and failure is None,
+            max_force=max_force,
+            n_force_calls=timed.calls if timed else self.served_calls,
+            potential_seconds=timed.seconds if timed else self.served_seconds,
+            seconds=time.perf_counter() - self.started,
+            failure=failure,
+            reason=reason,
+            energies=self.energies,
+            pv=self.pressure * final.get_volume(),
+            projected_enthalpy_per_atom=_projection(failure, self.stopper, self.watch),
+            known_minimum=self.watch.entered.candidate_id
+            if self.watch is not None and self.watch.entered
+            else None,
+        )
 
 
 def _projection(failure: str | None, stopper: EarlyStopper | None, watch: KnownMinimaWatch | None):

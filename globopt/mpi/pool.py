@@ -1,15 +1,17 @@
 """Rank 0's scheduler logic: hand tasks to idle worker ranks, collect results, detect dead ranks.
 
 ``globopt.scheduler.MPIScheduler`` wraps :class:`WorkerPool`, so the engine cannot tell MPI from the local
-pool. Steady state: a result frees its rank and the engine hands that rank the next candidate at once;
-there is no generation barrier. capacity = live worker ranks.
+pool. Steady state: a result frees a slot on its rank and the engine hands that rank the next candidate
+at once; there is no generation barrier. A rank has one slot, or ``relax.batch_size`` slots when it relaxes
+a batch (it says how many when its potential is loaded: READY); capacity = the slots of the live ranks.
 
 Rank 0 notices a dead rank by its silence: a busy worker sends a heartbeat at most every
 :data:`HEARTBEAT_INTERVAL` seconds from inside the relaxation, and a busy rank silent for
 :data:`HEARTBEAT_TIMEOUT` seconds (``GLOBOPT_MPI_HEARTBEAT_TIMEOUT``) is declared dead: its candidate
-comes back from ``collect()`` as ``worker_died`` (the engine re-issues it) and it gets no more work. A
-result that arrives later from such a rank is dropped: a result is accepted only for the task currently
-assigned to the rank that sends it, so no candidate can be committed twice. (How a worker rank's death
+comes back from ``collect()`` as ``worker_died`` (the engine re-issues it) and it gets no more work; a
+batching rank takes every candidate it held with it. A result that arrives later from such a rank is
+dropped: a result is accepted only for a task currently assigned to the rank that sends it, so no candidate
+can be committed twice. (How a worker rank's death
 is kept from killing the whole job is in :mod:`globopt.mpi.launch`.)
 """
 
@@ -46,14 +48,14 @@ log = logging.getLogger("globopt")
 
 @dataclass
 class _Assignment:
-    """A task on a rank, and when rank 0 last heard from that rank (or handed it the task).
+    """The tasks on a rank (by candidate id), and when rank 0 last heard from that rank (or handed it one).
 
     Silence is judged only right after every queued message has been received: while the engine
     screens candidates or commits, heartbeats queue up unread, and a rank must not be declared dead
     for rank 0's own absence.
     """
 
-    task: RelaxTask
+    tasks: dict[int, RelaxTask] = field(default_factory=dict)
     heard: float = field(default_factory=time.monotonic)
 
 
@@ -77,9 +79,9 @@ class WorkerPool:
         self.settings = settings
         self.timeout = heartbeat_timeout()
         self.interval = min(HEARTBEAT_INTERVAL, self.timeout / 4)
-        self.assigned: dict[int, _Assignment] = {}
+        self.assigned: dict[int, _Assignment] = {}  # ranks holding at least one task
         self.ready: dict[int, WorkerReady] = {}
-        self.idle: deque[int] = deque()
+        self.idle: deque[int] = deque()  # ranks with a free slot, in the order they got one
         # Tasks accepted while every rank was busy; the next rank to finish gets one at once, inside
         # collect(), without waiting for rank 0 to commit the result and screen a new candidate.
         self.queued: deque[RelaxTask] = deque()
@@ -102,13 +104,23 @@ class WorkerPool:
             self.timeout,
         )
 
+    def slots(self, rank: int) -> int:
+        """Candidates a rank relaxes at once: 1 until its READY says more (a batching rank)."""
+        ready = self.ready.get(rank)
+        return max(1, ready.slots) if ready is not None else 1
+
     @property
     def capacity(self) -> int:
+        return sum(self.slots(r) for r in self.master.workers if r not in self.master.gone)
+
+    @property
+    def live_ranks(self) -> int:
         return len([r for r in self.master.workers if r not in self.master.gone])
 
     @property
     def in_flight(self) -> int:
-        return len(self.assigned) + len(self.queued) + len(self.lost)
+        held = sum(len(a.tasks) for a in self.assigned.values())
+        return held + len(self.queued) + len(self.lost)
 
     def submit(self, task: RelaxTask) -> None:
         """Hand the task to an idle rank, or queue it for the next rank that finishes."""
@@ -126,10 +138,23 @@ class WorkerPool:
             if rank in self.master.gone:
                 continue
             if self.master.send(rank, Tag.TASK, task):
-                self.assigned[rank] = _Assignment(task)
+                assignment = self.assigned.get(rank)
+                if assignment is None:
+                    assignment = self.assigned[rank] = _Assignment()
+                assignment.tasks[task.candidate_id] = task
+                if len(assignment.tasks) < self.slots(rank):
+                    self.idle.appendleft(rank)  # fill a batching rank before the next one
                 return True
             self._declare_gone(rank, dead=True)
         return False
+
+    def _free_slot(self, rank: int) -> None:
+        """A task left the rank: it has room again (once in ``idle``, however many slots are free)."""
+        assignment = self.assigned.get(rank)
+        if assignment is not None and not assignment.tasks:
+            del self.assigned[rank]
+        if rank not in self.master.gone and rank not in self.idle:
+            self.idle.append(rank)
 
     def _dispatch_queued(self) -> None:
         while self.queued and self.idle:
@@ -178,18 +203,21 @@ class WorkerPool:
         if tag is Tag.READY:
             self.ready[rank] = payload
             log.debug(
-                "MPI worker rank %d (%s) ready after %.1f s, %d torch thread(s)",
-                rank, payload.label, payload.seconds, payload.torch_threads,
+                "MPI worker rank %d (%s) ready after %.1f s, %d torch thread(s), %d candidate(s) at once",
+                rank, payload.label, payload.seconds, payload.torch_threads, payload.slots,
             )  # fmt: skip
+            held = len(assignment.tasks) if assignment is not None else 0
+            if held < self.slots(rank) and rank not in self.idle:
+                self.idle.append(rank)
         elif tag is Tag.RESULT:
             candidate_id, attempt, evaluation = payload
-            expected = None if assignment is None else (assignment.task.candidate_id, assignment.task.attempt)
-            if expected != (candidate_id, attempt):
+            task = None if assignment is None else assignment.tasks.get(candidate_id)
+            if task is None or task.attempt != attempt:
                 log.debug("rank %d: result for candidate %d is not its task; ignored", rank, candidate_id)
                 return []
-            del self.assigned[rank]
-            self.idle.append(rank)
-            return [(assignment.task, evaluation)]
+            del assignment.tasks[candidate_id]
+            self._free_slot(rank)
+            return [(task, evaluation)]
         elif tag is Tag.ERROR:
             failure: WorkerFailure = payload
             exc = failure.exception
@@ -205,7 +233,7 @@ class WorkerPool:
             if assignment is not None:
                 del self.assigned[rank]
                 reason = f"MPI worker rank {rank} ({stats.label}) stopped ({stats.reason})"
-                return [(assignment.task, _died(assignment.task, reason))]
+                return [(task, _died(task, reason)) for task in assignment.tasks.values()]
         return []
 
     def _check_silence(self) -> list[tuple[RelaxTask, Evaluation]]:
@@ -217,20 +245,23 @@ class WorkerPool:
             if silent <= limit:
                 continue
             label = self.ready[rank].label if rank in self.ready else "still starting"
+            ids = ", ".join(str(i) for i in assignment.tasks)
             log.warning(
-                "MPI worker rank %d (%s) silent for %.0f s while relaxing candidate %d: declared dead "
-                "(killed, out of memory or hung); it gets no more work",
-                rank, label, silent, assignment.task.candidate_id,
+                "MPI worker rank %d (%s) silent for %.0f s while relaxing candidate(s) %s: declared dead "
+                "(killed, out of memory or hung); it gets no more work, its candidates are re-issued",
+                rank, label, silent, ids,
             )  # fmt: skip
             del self.assigned[rank]
             self._declare_gone(rank, dead=True)
             reason = f"MPI worker rank {rank} ({label}) died (killed, out of memory or hung)"
-            lost.append((assignment.task, _died(assignment.task, reason)))
+            lost += [(task, _died(task, reason)) for task in assignment.tasks.values()]
         return lost
 
     def _ping_idle(self) -> None:
         now = time.monotonic()
         for rank in self.idle:
+            if rank in self.assigned:  # busy, with a free slot: its heartbeats show it is alive
+                continue
             if rank not in self.master.gone and now - self.master.last_sent.get(rank, now) > PING_INTERVAL:
                 self.master.send(rank, Tag.PING)
 

@@ -63,6 +63,7 @@ class WorkerReady:
     label: str  # hostname:pid, as in results.csv's worker column
     torch_threads: int
     seconds: float  # from MPI start to the potential loaded
+    slots: int = 1  # candidates it relaxes at once (relax.batch_size as the worker resolved it)
 
 
 @dataclass

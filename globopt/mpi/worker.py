@@ -1,10 +1,12 @@
 """The loop of worker ranks 1..N-1: settings once, then tasks until rank 0 says stop.
 
 Worker ranks receive ``EvaluatorSettings`` once, load the potential once (``prepare_worker``), then
-loop: task -> ``evaluate`` -> result, until rank 0 says stop. A busy worker sends heartbeats and looks
-for a stop request from inside the relaxation (relax()'s step hook); an idle one gives up when rank 0
-stays silent for MASTER_SILENCE_TIMEOUT. Whatever ends the loop, the rank says BYE with its statistics
-and takes rank 0's one STOP before it leaves (see :func:`globopt.mpi.launch._finalize`).
+loop: task -> ``evaluate`` -> result, until rank 0 says stop. With a potential that batches, a rank holds
+up to ``relax.batch_size`` candidates (it tells rank 0 how many in READY) and loops instead: take whatever
+tasks have arrived, advance every relaxation by one batched step, send the results that finished. A busy
+worker sends heartbeats and looks for a stop request after every optimiser step; an idle one gives up
+when rank 0 stays silent for MASTER_SILENCE_TIMEOUT. Whatever ends the loop, the rank says BYE with its
+statistics and takes rank 0's one STOP before it leaves (see :func:`globopt.mpi.launch._finalize`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from globopt.mpi.protocol import (
 
 if TYPE_CHECKING:
     from globopt.candidate import RelaxTask
+    from globopt.evaluator.batch_evaluate import BatchEvaluator
     from globopt.evaluator.evaluate import EvaluatorSettings
 
 
@@ -59,6 +62,7 @@ class _Worker:
         self.comm = comm
         self.threads = threads
         self.settings: EvaluatorSettings | None = None
+        self.batch: BatchEvaluator | None = None  # set when the potential batches (relax.batch_size > 1)
         self.interval = HEARTBEAT_INTERVAL
         self.stats = WorkerStats(label=worker_label(), torch_threads=threads)
         self.started = time.perf_counter()
@@ -96,6 +100,11 @@ class _Worker:
     def _serve(self) -> None:
         idle_since = time.perf_counter()
         while True:
+            if self.batch is not None and len(self.batch):
+                if self._batch_step():
+                    return
+                idle_since = time.perf_counter()
+                continue
             tag, payload = self._receive()
             now = time.perf_counter()
             if tag is Tag.STOP:
@@ -108,8 +117,48 @@ class _Worker:
             elif tag is Tag.TASK:
                 if self.stats.tasks:
                     self.stats.idle += now - idle_since
-                self._evaluate(payload)
+                if self.batch is not None:
+                    self.batch.submit(payload)
+                else:
+                    self._evaluate(payload)
             idle_since = time.perf_counter()
+
+    def _batch_step(self) -> bool:
+        """Take the tasks that arrived, advance the batch by one step, send what finished; True on STOP.
+
+        STOP abandons the candidates in flight: they are pending in the archive and a resume re-issues them.
+        """
+        for message in drain(self.comm, 0, self._status):
+            tag = Tag(self._status.Get_tag())
+            payload = self._take(message)
+            if tag is Tag.STOP:
+                self._stopped = True
+                return True
+            if tag is Tag.TASK:
+                self.batch.submit(payload)
+        started = time.perf_counter()
+        try:
+            finished = self.batch.step()
+        except Exception as exc:
+            self._report(exc)
+            self.batch = None  # rank 0 raises the error; nothing more is relaxed here
+            return False
+        finally:
+            self.stats.busy += time.perf_counter() - started
+        for task, evaluation in finished:
+            self.stats.tasks += 1
+            self._send(Tag.RESULT, (task.candidate_id, task.attempt, evaluation))
+        self._beat()
+        return False
+
+    def _beat(self) -> None:
+        """A heartbeat for a batching rank, at most one per interval (payload: the candidates it holds)."""
+        now = time.monotonic()
+        if now - self._last_beat >= self.interval and (self._heartbeat is None or self._heartbeat.Test()):
+            held = [t.candidate_id for t in self.batch.tasks()] if self.batch is not None else []
+            self._heartbeat = self.comm.isend(held, dest=0, tag=int(Tag.HEARTBEAT))
+            self._outbox.append(self._heartbeat)
+            self._last_beat = now
 
     def _receive(self) -> tuple[Tag, Any]:
         backoff = _Backoff(WORKER_MAX_POLL)
@@ -144,8 +193,17 @@ class _Worker:
             return
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self.threads)
+        try:
+            from globopt.evaluator.batch_evaluate import BatchEvaluator, worker_limits
+
+            limits = worker_limits(settings)
+            if limits.batched:
+                self.batch = BatchEvaluator(settings, limits, between=self._beat)
+        except Exception as exc:
+            self._report(exc)
+            return
         self.stats.startup = time.perf_counter() - self.started
-        ready = WorkerReady(self.stats.label, self.threads, self.stats.startup)
+        ready = WorkerReady(self.stats.label, self.threads, self.stats.startup, limits.structures)
         self._send(Tag.READY, ready)
 
     def _evaluate(self, task: RelaxTask) -> None:
