@@ -93,7 +93,7 @@ def test_lattice_minima_prefilter_never_hides_a_match() -> None:
     matched = pruned = 0
     for _ in range(8):
         original = reduced_for_matching(stream.next().structure)
-        for size in (0.01, 0.05, 0.1, 0.2):
+        for size in (0.01, 0.05, 0.1, 0.2, 0.4):
             copy = reduced_for_matching(_strained_copy(original, rng, size))
             if len(copy) != len(original):
                 continue
