@@ -93,9 +93,20 @@ class PotentialConfig(_Section):
 
 
 class RelaxConfig(_Section):
-    optimizer: Literal["FIRE", "BFGS", "LBFGS"] = "FIRE"
+    optimizer: Literal["FIRE", "BFGS", "LBFGS"] = Field(
+        "BFGS",
+        description="ASE optimiser, acting on atoms and cell together; BFGS converged 10-30 atom random "
+        "cells in about half FIRE's potential calls (benchmarks/relaxation_settings.py)",
+    )
     fmax: PositiveFloat = Field(0.05, description="force convergence threshold, eV/Å")
-    max_steps: PositiveInt = 300
+    max_steps: PositiveInt = 500
+    extend_steps: int = Field(
+        500,
+        ge=0,
+        description="further steps for a relaxation that reaches max_steps within extend_margin of the best "
+        "enthalpy known when it started (or before any is known); 0: never",
+    )
+    extend_margin: PositiveFloat = Field(0.1, description="eV/atom")
     pressure_gpa: float = Field(0.0, description="external pressure; fitness becomes enthalpy per atom")
     relax_cell: bool = True
     rattle: float = Field(

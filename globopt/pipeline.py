@@ -14,6 +14,7 @@ from globopt.evaluator.early_stop import EarlyStopSettings
 from globopt.evaluator.evaluate import EvaluatorSettings
 from globopt.evaluator.known_minima import KnownMinimaSettings
 from globopt.evaluator.relax import RelaxSettings
+from globopt.geometry import GeometryLimits
 from globopt.observers import BestStructures, CommitObserver, ObjectiveValues, ProgressDisplay, ResultsTable
 from globopt.progress import Progress
 from globopt.rundir import RunDirectory
@@ -78,24 +79,31 @@ def evaluator_settings(config: RunConfig, search: SearchAlgorithm) -> EvaluatorS
                 energy_window=es.known_minima_window,
                 max_force=es.known_minima_max_force,
             )
-    limits = search.limits
     return EvaluatorSettings(
         potential=config.potential.model_dump(),
-        relax=RelaxSettings(
-            fmax=config.relax.fmax,
-            max_steps=config.relax.max_steps,
-            pressure_gpa=config.relax.pressure_gpa,
-            optimizer=config.relax.optimizer,
-            relax_cell=config.relax.relax_cell,
-            min_distance=limits.min_distance,
-            volume_per_atom_range=limits.volume_per_atom_range,
-        ),
+        relax=relax_settings(config, search.limits),
         symprec=config.analysis.symprec,
         early_stop=early_stop,
         known_minima=known_minima,
         rattle=config.relax.rattle,
         seed=config.seed,
         batch_size=None if config.relax.batch_size == "auto" else config.relax.batch_size,
+    )
+
+
+def relax_settings(config: RunConfig, limits: GeometryLimits) -> RelaxSettings:
+    """The relaxation a config asks for, with the geometry guards of ``limits``."""
+    relax = config.relax
+    return RelaxSettings(
+        fmax=relax.fmax,
+        max_steps=relax.max_steps,
+        pressure_gpa=relax.pressure_gpa,
+        optimizer=relax.optimizer,
+        relax_cell=relax.relax_cell,
+        extend_steps=relax.extend_steps,
+        extend_margin=relax.extend_margin,
+        min_distance=limits.min_distance,
+        volume_per_atom_range=limits.volume_per_atom_range,
     )
 
 

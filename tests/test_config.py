@@ -81,7 +81,7 @@ def test_elements_outside_m3gnet_are_refused(models_dir: Path) -> None:
 def test_unknown_key_message_lists_allowed_keys(tmp_path: Path, capsys) -> None:
     code, output = validate_cli(tmp_path, {**BASE, "relax": {"steps": 10}}, capsys)
     assert code == 2
-    assert "allowed here: optimizer, fmax, max_steps, pressure_gpa, relax_cell" in output
+    assert "allowed here: optimizer, fmax, max_steps, extend_steps, extend_margin, pressure_gpa" in output
 
 
 def test_every_problem_is_reported_at_once() -> None:

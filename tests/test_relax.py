@@ -182,3 +182,17 @@ def test_the_rattle_never_pushes_a_pair_below_its_limit() -> None:
         outcome = evaluate(RelaxTask(candidate_id, structure), evaluator)
         assert outcome.status is not Status.COLLAPSED, outcome.reason
     assert raw_collapses >= 2  # the unscaled rattle would have wasted these relaxations
+
+
+def test_a_promising_relaxation_that_runs_out_of_steps_is_extended_once() -> None:
+    """Cut off after 3 steps: extended and converged when nothing better is known or it is within the margin
+    of the best; left unconverged when the best known is far below it."""
+    limited = settings(max_steps=3, extend_steps=400, extend_margin=0.1)
+    fresh = relax(cu_cell(), EMT(), limited)
+    assert fresh.converged and fresh.n_steps > 3
+    close = relax(cu_cell(), EMT(), limited, best_enthalpy_per_atom=fresh.energy / 4 - 0.05)
+    assert close.converged
+    hopeless = relax(cu_cell(), EMT(), limited, best_enthalpy_per_atom=fresh.energy / 4 - 1.0)
+    assert not hopeless.converged and hopeless.n_steps == 3
+    once = relax(cu_cell(), EMT(), settings(max_steps=2, extend_steps=2))
+    assert not once.converged and once.n_steps == 4  # extended by 2, then no more

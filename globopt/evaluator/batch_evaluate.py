@@ -72,7 +72,7 @@ class BatchEvaluator:
                 return
             self.waiting.popleft()
             atoms, stopper, watch = prepare(task, self.settings)
-            self.relaxer.add(task.candidate_id, atoms, stopper, watch)
+            self.relaxer.add(task.candidate_id, atoms, stopper, watch, task.best_enthalpy_per_atom)
             self.relaxing[task.candidate_id] = task
 
 

@@ -85,10 +85,14 @@ class BatchRelaxer:
         atoms: Atoms,
         stopper: EarlyStopper | None = None,
         watch: KnownMinimaWatch | None = None,
+        best_enthalpy_per_atom: float | None = None,
     ) -> None:
         """Start a relaxation; its first potential evaluation is part of the next ``step``."""
         calculator = ServedCalculator()
-        relaxation = Relaxation(atoms, calculator, self.settings, stopper=stopper, watch=watch)
+        relaxation = Relaxation(
+            atoms, calculator, self.settings, stopper=stopper, watch=watch,
+            best_enthalpy_per_atom=best_enthalpy_per_atom,
+        )  # fmt: skip
         self._members.append(_Member(key, relaxation, calculator))
 
     def step(self) -> list[tuple[Hashable, RelaxOutcome]]:

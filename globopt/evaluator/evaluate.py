@@ -78,7 +78,10 @@ def evaluate(
     """
     calculator = _calculator(settings)
     atoms, stopper, watch = prepare(task, settings)
-    outcome = relax(atoms, calculator, settings.relax, on_step=on_step, stopper=stopper, watch=watch)
+    outcome = relax(
+        atoms, calculator, settings.relax, on_step=on_step, stopper=stopper, watch=watch,
+        best_enthalpy_per_atom=task.best_enthalpy_per_atom,
+    )  # fmt: skip
     result = analyse(task, settings, outcome)
     between = None if on_step is None else (lambda: on_step(0, math.nan))
     build_requested(task, settings, result, between)

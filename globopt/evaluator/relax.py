@@ -39,8 +39,12 @@ class RelaxSettings:
     fmax: float = 0.05
     max_steps: int = 300
     pressure_gpa: float = 0.0
-    optimizer: str = "FIRE"
+    optimizer: str = "BFGS"
     relax_cell: bool = True
+    # a relaxation that reaches max_steps this close (eV/atom) to the best enthalpy known when it started,
+    # or with no best known yet, gets extend_steps more (0: never)
+    extend_steps: int = 0
+    extend_margin: float = 0.1
     # geometry guards (absolute, computed by the caller from the composition)
     min_distance: np.ndarray | None = None  # pairwise minimum-distance matrix indexed like atomic numbers
     volume_per_atom_range: tuple[float, float] = (0.0, math.inf)
@@ -77,6 +81,7 @@ def relax(
     on_step: Callable[[int, float], None] | None = None,
     stopper: EarlyStopper | None = None,
     watch: KnownMinimaWatch | None = None,
+    best_enthalpy_per_atom: float | None = None,
 ) -> RelaxOutcome:
     """Relax positions (and the cell, under the configured pressure) until fmax or max_steps.
 
@@ -85,9 +90,12 @@ def relax(
     but not Exception propagates, while an ordinary exception is recorded as an ``error`` outcome.
     ``stopper`` (early_stop.py) ends a relaxation heading clearly above the best enthalpy found so far as
     ``stopped_early``; ``watch`` (known_minima.py) ends one falling into a minimum the search has found
-    already, also as ``stopped_early``.
+    already, also as ``stopped_early``. ``best_enthalpy_per_atom`` (the best known when the task was issued)
+    decides whether a relaxation that runs out of steps is promising enough to get ``extend_steps`` more.
     """
-    relaxation = Relaxation(atoms, TimedCalculator(calculator), settings, on_step, stopper, watch)
+    relaxation = Relaxation(
+        atoms, TimedCalculator(calculator), settings, on_step, stopper, watch, best_enthalpy_per_atom
+    )
     while not relaxation.advance():
         pass
     return relaxation.outcome()
@@ -112,8 +120,11 @@ class Relaxation:
         on_step: Callable[[int, float], None] | None = None,
         stopper: EarlyStopper | None = None,
         watch: KnownMinimaWatch | None = None,
+        best_enthalpy_per_atom: float | None = None,
     ) -> None:
         self.started = time.perf_counter()
+        self.best_enthalpy_per_atom = best_enthalpy_per_atom
+        self.extended = False
         self.atoms = atoms.copy()
         self.atoms.calc = calculator
         self.calculator = calculator
@@ -159,13 +170,33 @@ class Relaxation:
             )
             if self.failure or self.converged or self._stopped_early(steps, energy):
                 return self._finish()
-            if steps >= self.optimizer.max_steps:
+            if steps >= self.optimizer.max_steps and not self._extend(energy):
                 return self._finish()
             self.optimizer.step()
             self.optimizer.nsteps += 1
             return False
         except Exception as exc:  # a potential may raise anything on pathological input; record, never crash
             return self.fail(exc)
+
+    def _extend(self, energy: float) -> bool:
+        """Give a promising relaxation that ran out of steps ``extend_steps`` more, once.
+
+        Structures of 10-30 atoms often need 300-700 optimiser steps, most of it slow cell and soft-mode
+        convergence, and a relaxation cut off there cannot be ranked or bred from even when it is on its
+        way to the lowest structure of the run. Extending every relaxation would spend that on hopeless
+        ones too; one that is already within ``extend_margin`` of the best known enthalpy (or that starts
+        before anything is known) is worth finishing.
+        """
+        settings = self.settings
+        if self.extended or settings.extend_steps <= 0:
+            return False
+        enthalpy = (energy + self.pressure * self.atoms.get_volume()) / self.n_atoms
+        best = self.best_enthalpy_per_atom
+        if best is not None and enthalpy > best + settings.extend_margin:
+            return False
+        self.extended = True
+        self.optimizer.max_steps += settings.extend_steps
+        return True
 
     def fail(self, exc: Exception) -> bool:
         """End with an ``error`` outcome (the potential raised while evaluating this structure)."""

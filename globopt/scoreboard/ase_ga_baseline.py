@@ -156,8 +156,9 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
     from ase_ga.utilities import CellBounds, closest_distances_generator
 
     from globopt.config import parse_config
-    from globopt.evaluator.relax import RelaxSettings, relax
+    from globopt.evaluator.relax import relax
     from globopt.geometry import geometry_limits
+    from globopt.pipeline import relax_settings
     from surrogates.potentials import build_calculator
 
     # the run config of the globopt GA for the same job: relaxation, checks and population settings
@@ -166,11 +167,7 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
         config.composition, config.composition.values(), config.checks.min_distance_factor,
         config.checks.volume_factor_range,
     )  # fmt: skip
-    settings = RelaxSettings(
-        fmax=config.relax.fmax, max_steps=config.relax.max_steps, pressure_gpa=config.relax.pressure_gpa,
-        optimizer=config.relax.optimizer, relax_cell=config.relax.relax_cell,
-        min_distance=limits.min_distance, volume_per_atom_range=limits.volume_per_atom_range,
-    )  # fmt: skip
+    settings = relax_settings(config, limits)
     calculator = build_calculator(**config.potential.model_dump())
     rng = np.random.RandomState(job.seed)  # ase-ga draws with randint/random (legacy RandomState API)
     population_size = config.ga.population_size
@@ -201,7 +198,9 @@ def _search(job: SearchJob, folder: Path) -> tuple[list[EvaluatedStructure], flo
 
     def evaluate(atoms: Atoms) -> None:
         origin = ase_ga_origin(atoms)
-        outcome = relax(atoms.copy(), calculator, settings)
+        # the same promising-extension rule as globopt's searches: relative to the best so far
+        known = [e.energy_per_atom for e in evaluations if e.energy_per_atom is not None]
+        outcome = relax(atoms.copy(), calculator, settings, best_enthalpy_per_atom=min(known, default=None))
         relaxed = outcome.atoms
         cost = {"force_calls": outcome.n_force_calls, "origin": origin, "seconds": outcome.seconds}
         if outcome.failure is None and np.isfinite(outcome.energy):
