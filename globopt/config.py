@@ -95,8 +95,8 @@ class PotentialConfig(_Section):
 class RelaxConfig(_Section):
     optimizer: Literal["FIRE", "BFGS", "LBFGS"] = Field(
         "BFGS",
-        description="ASE optimiser, acting on atoms and cell together; BFGS converged 10-30 atom random "
-        "cells in about half FIRE's potential calls (benchmarks/relaxation_settings.py)",
+        description="ASE optimiser, acting on atoms and cell together; BFGS converged 14-28 atom random "
+        "cells in 0.6 times FIRE's potential calls (benchmarks/relaxation_settings.py)",
     )
     fmax: PositiveFloat = Field(0.05, description="force convergence threshold, eV/Å")
     max_steps: PositiveInt = 500
