@@ -155,3 +155,47 @@ def test_operator_probabilities_follow_the_children_that_pay_off() -> None:
     search = make_search(fixed)
     search.operator_stats = {"heredity": {"proposed": 40, "judged": 40, "entered": 20, "new_best": 4}}
     assert np.allclose(search.operator_probabilities(), base)
+
+
+def test_a_member_whose_minimum_children_keep_refinding_loses_parent_tournaments() -> None:
+    from pymatgen.core import Lattice, Structure
+
+    from globopt.candidate import Evaluation, Status
+    from globopt.search.ga import EXHAUSTED_AFTER
+
+    config = parse_config(
+        {"name": "mined", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    )
+    search = make_search(config)
+    cell = Structure(
+        Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    )
+    for candidate_id, energy in ((1, -0.02), (2, -0.01)):
+        relaxed = Evaluation(
+            candidate_id,
+            Status.RELAXED,
+            relaxed=cell.copy(),
+            enthalpy_per_atom=energy,
+            spacegroup_number=100 + candidate_id,
+        )
+        search.tell(candidate_id, relaxed)
+    best = next(m for m in search.population if m.candidate_id == 1)
+    before = [m.candidate_id for _ in range(200) for m in search._select(1)]
+    assert before.count(1) > 0.8 * len(before)  # the best wins every tournament it enters (7 in 8)
+    for child in range(10, 10 + EXHAUSTED_AFTER):  # children that relax back into the best's minimum
+        refound = Evaluation(
+            child,
+            Status.RELAXED,
+            relaxed=cell.copy(),
+            enthalpy_per_atom=-0.019,
+            spacegroup_number=101,
+            duplicate_of=1,
+        )
+        search.tell(child, refound)
+    assert best.refound == EXHAUSTED_AFTER and best.exhausted
+    after = [m.candidate_id for _ in range(200) for m in search._select(1)]
+    assert after.count(2) > 0.8 * len(after)  # now the fresh member wins every tournament it enters
+    state = search.state_dict()
+    restored = make_search(config)
+    restored.load_state_dict(state)
+    assert {m.candidate_id: m.refound for m in restored.population} == {1: EXHAUSTED_AFTER, 2: 0}

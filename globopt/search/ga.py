@@ -38,6 +38,10 @@ from globopt.structure_codec import structure_from_dict, structure_to_dict
 MAX_OPERATOR_TRIES = 12
 # Share of the configured operator probabilities kept fixed when they adapt to measured success.
 ADAPTIVE_FLOOR = 0.3
+# A member whose minimum children have relaxed back into this many times loses parent tournaments to any
+# member that has not (its neighbourhood is mined out); it stays in the population and can still win
+# against other exhausted members.
+EXHAUSTED_AFTER = 3
 HALL_OF_FAME_SIZE = 10
 
 
@@ -53,6 +57,8 @@ class Member:
     # the search state is serialised after every proposal and result; members never change, so their
     # structures are converted to dicts once
     structure_dict: dict | None = None
+    # children that relaxed back into this member's minimum: a member re-found this often is mined out
+    refound: int = 0
 
     def as_state(self) -> dict[str, Any]:
         if self.structure_dict is None:
@@ -62,7 +68,12 @@ class Member:
             "structure": self.structure_dict,
             "scores": list(self.scores),
             "sg": self.spacegroup,
+            "refound": self.refound,
         }
+
+    @property
+    def exhausted(self) -> bool:
+        return self.refound >= EXHAUSTED_AFTER
 
 
 class GeneticSearch(SearchAlgorithm):
@@ -168,7 +179,8 @@ class GeneticSearch(SearchAlgorithm):
         """The configured operator probabilities, shifted toward the operators whose children pay off.
 
         With ``ga.adaptive_operators`` each operator's weight is multiplied by its success rate, (children
-        that entered the population + 2 x those that became the best + 1) / (children judged + 2), and
+        that entered the population as a new minimum + 2 x those that became the best + 1) / (children
+        judged + 2), and
         the result is mixed with the configured probabilities (ADAPTIVE_FLOOR of them stay fixed), so no
         operator is ever switched off by a few unlucky children. The rates come from the search state, so
         a resumed search draws exactly as the original would have.
@@ -188,7 +200,12 @@ class GeneticSearch(SearchAlgorithm):
         """Tournament on fitness (single objective) or on NSGA-II rank and crowding (several)."""
         with self._deap_random():
             if len(self.objectives) == 0:
-                return tools.selTournament(self.population, k, tournsize=self.ga.tournament_size)
+                # DEAP's selTournament (same draws), with mined-out members losing to fresh ones
+                picks = []
+                for _ in range(k):
+                    aspirants = [random.choice(self.population) for _ in range(self.ga.tournament_size)]
+                    picks.append(min(aspirants, key=lambda m: (m.exhausted, m.scores)))
+                return picks
             ranked = _nsga2_order(self.population)
             picks = []
             for _ in range(k):
@@ -225,8 +242,16 @@ class GeneticSearch(SearchAlgorithm):
         scores = objective_scores(evaluation.enthalpy_per_atom, values, self.objectives)
         member = Member(candidate_id, evaluation.relaxed, scores, evaluation.spacegroup_number)
         best_before = min((m.scores[0] for m in self.population), default=np.inf)
+        refound = {i for i in (evaluation.duplicate_of, evaluation.supersedes) if i is not None}
+        for other in self.population:
+            if other.candidate_id in refound:
+                other.refound += 1
+                member.refound = other.refound  # a lower copy replaces the member: the history stays
         entered = self._insert(member, evaluation.duplicate_of, evaluation.supersedes)
-        if operator and entered:
+        # a child that relaxed into a known minimum replaces it when a little lower, but found nothing new:
+        # only a new minimum earns its operator credit
+        new_minimum = evaluation.duplicate_of is None and evaluation.supersedes is None
+        if operator and entered and new_minimum:
             self._stats(operator)["entered"] += 1
             if scores[0] < best_before - 1e-6:
                 self._stats(operator)["new_best"] += 1
@@ -297,8 +322,9 @@ class GeneticSearch(SearchAlgorithm):
         for entry in state["population"]:
             structure = structure_from_dict(entry["structure"])
             member = Member(
-                entry["id"], structure, tuple(entry["scores"]), entry["sg"], structure_dict=entry["structure"]
-            )
+                entry["id"], structure, tuple(entry["scores"]), entry["sg"],
+                structure_dict=entry["structure"], refound=int(entry.get("refound", 0)),
+            )  # fmt: skip
             member.fitness = self._fitness_class(member.scores)
             self.population.append(member)
         self.hall_of_fame = state["hall_of_fame"]
