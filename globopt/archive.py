@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,14 +127,19 @@ class ArchiveError(RuntimeError):
     """The archive file is unreadable or from an incompatible version."""
 
 
-def damaged_message(path: Path, detail: str) -> str:
+def damaged_message(path: Path, detail: str, empty: bool = False) -> str:
     """What a user needs when the archive cannot be read: which file, what it means, how to recover."""
+    salvage = (
+        ""
+        if empty
+        else f"; or salvage the readable rows with `sqlite3 {path} .recover | sqlite3 recovered.sqlite`"
+    )
     return (
         f"the run archive {path} is damaged or not a globopt archive ({detail}). It holds every candidate "
-        f"and the search state, so the run cannot continue from it. To recover: restore {path.name} (with "
-        f"{path.name}-wal if present) from a backup; or salvage the readable rows with "
-        f"`sqlite3 {path} .recover | sqlite3 recovered.sqlite`; results.csv and best/ in {path.parent} still "
-        f"list what was committed before the damage. To search again, start a new run with --out elsewhere."
+        f"and the search state, so the run cannot continue from it, and globopt will not start a new run "
+        f"over it. To recover: restore {path.name} (with {path.name}-wal if present) from a backup{salvage}; "
+        f"results.csv and best/ in {path.parent} still list what was committed before the damage. To search "
+        f"again, start a new run with --out elsewhere."
     )
 
 
@@ -145,40 +152,154 @@ def write_failure_message(path: Path, detail: object) -> str:
     )
 
 
+def _unreadable_message(path: Path, detail: object) -> str:
+    """An archive that exists but cannot be opened for reading (permissions, a vanished mount)."""
+    return (
+        f"cannot read the run archive {path} ({detail}); check that the file and its folder are readable "
+        f"(and, for a WAL database on a read-only folder, that {path.name}-shm is readable too)"
+    )
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can never write, also on a read-only folder.
+
+    ``mode=ro`` reads a WAL archive consistently while a run writes it. On a read-only folder SQLite
+    cannot create the ``-shm`` index a WAL database needs, and refuses; when there is no ``-wal`` file
+    (the run was closed cleanly, so every commit is in the main file) the file is read as immutable.
+    """
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}"
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError as exc:
+        wal = path.with_name(path.name + "-wal")
+        if "unable to open" not in str(exc) or os.access(path.parent, os.W_OK):
+            raise
+        if wal.exists() and wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"{wal.name} holds commits not yet in {path.name}, and the folder is read-only, so SQLite "
+                f"cannot read them; copy the run directory somewhere writable and read the copy"
+            ) from exc
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
+
+def _companions(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 class Archive:
-    def __init__(self, path: Path) -> None:
+    """One run's archive, opened for writing (the default) or only for reading (``read_only=True``).
+
+    Opening never creates anything but a missing file: an existing file that is empty or unreadable is
+    damage, never a new run, because the results.csv and best/ beside it may be the only other record.
+    A run directory's archive is made by :meth:`create` instead, which is atomic, so a kill during the
+    creation never leaves a half-made archive behind.
+    """
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
-        existed = path.exists() and path.stat().st_size > 0
+        self.read_only = read_only
+        exists = path.exists()
+        if exists and path.stat().st_size == 0:
+            raise ArchiveError(damaged_message(path, "the file is empty (0 bytes)", empty=True))
+        if read_only and not exists:
+            raise ArchiveError(f"there is no run archive {path}")
         try:
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self._synchronous = "FULL"
-            if existed:
+            self.db = _connect_read_only(path) if read_only else sqlite3.connect(path, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise ArchiveError(_unreadable_message(path, exc)) from exc
+        self.db.isolation_level = None
+        self.db.row_factory = sqlite3.Row
+        try:
+            if exists:
                 # A truncated or overwritten file can open fine and fail much later in the middle of a run;
                 # quick_check reads every page once (well under a second for a large archive).
                 problems = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
                 if problems != ["ok"]:
                     raise ArchiveError(damaged_message(path, "; ".join(problems)))
-            self.db.executescript(_SCHEMA)
-            version = self.get_meta("schema_version")
+            if read_only:
+                version = self.get_meta("schema_version")
+            else:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self._synchronous = "FULL"
+                self.db.executescript(_SCHEMA)
+                version = self.get_meta("schema_version")
         except ArchiveError:
             self.db.close()
             raise
         except sqlite3.OperationalError as exc:
-            if existed and "malformed" not in str(exc) and "not a database" not in str(exc):
+            self.db.close()
+            if "malformed" in str(exc) or "not a database" in str(exc) or "no such table" in str(exc):
+                raise ArchiveError(damaged_message(path, str(exc))) from exc
+            if read_only:
+                raise ArchiveError(_unreadable_message(path, exc)) from exc
+            if exists:
                 raise ArchiveError(write_failure_message(path, exc)) from exc
             raise ArchiveError(damaged_message(path, str(exc))) from exc
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise ArchiveError(damaged_message(path, str(exc))) from exc
         if version is None:
+            if read_only:
+                self.db.close()
+                raise ArchiveError(damaged_message(path, "it holds no globopt schema version"))
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
+            self.db.close()
             raise ArchiveError(f"{path} has archive schema {version}, this globopt reads {SCHEMA_VERSION}")
 
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, str]) -> None:
+        """Make a new archive at ``path`` holding ``meta`` (e.g. the run's config), atomically.
+
+        The archive is built under a temporary name, closed (which folds its WAL into the file), synced,
+        and only then renamed into place: ``path`` either does not exist or is a complete archive.
+        """
+        staging = path.with_name(path.name + ".new")
+        for leftover in _companions(staging):
+            leftover.unlink(missing_ok=True)
+        try:
+            archive = cls(staging)
+            try:
+                with archive._transaction():
+                    for key, value in meta.items():
+                        archive.db.execute(
+                            "INSERT INTO meta(key, value) VALUES(?, ?)"
+                            " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                            (key, value),
+                        )
+            finally:
+                archive.close()
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+            _fsync_directory(path.parent)
+        except OSError as exc:
+            raise ArchiveError(write_failure_message(path, exc)) from exc
+        finally:
+            for leftover in _companions(staging):
+                leftover.unlink(missing_ok=True)
+
     def close(self) -> None:
-        if self.db.in_transaction:  # screened rows written without a commit of their own
+        if (
+            not self.read_only and self.db.in_transaction
+        ):  # screened rows written without a commit of their own
             with self._transaction():
                 pass
         self.db.close()

@@ -140,6 +140,7 @@ class RunSummary:
     potential_seconds: float
     relax_seconds: float
     interrupted: bool = False
+    session_evaluations: int = 0  # committed by this session (evaluations counts every session)
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ class Engine:
             potential_seconds=potential_seconds,
             relax_seconds=relax_seconds,
             interrupted=interrupted,
+            session_evaluations=evaluations - used_at_start,
         )
 
     def _target_reached(self) -> bool:
