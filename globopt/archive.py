@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 USED_POTENTIAL = tuple(s.value for s in Status if s.used_potential)
+# Seconds a write waits for another connection's write lock before it fails.
+BUSY_TIMEOUT = 30.0
 # Statuses of candidates that never reached a relaxation: the search may propose their structures again.
 SCREENED_OUT = (Status.REJECTED, Status.DUPLICATE, Status.SKIPPED)
 
@@ -145,6 +147,13 @@ def damaged_message(path: Path, detail: str, empty: bool = False) -> str:
 
 def write_failure_message(path: Path, detail: object) -> str:
     """Disk full, file-size limit or read-only directory: nothing committed is lost, say how to go on."""
+    if "locked" in str(detail):  # SQLite's busy timeout ran out: another program holds a write lock
+        return (
+            f"cannot write to the run archive {path} ({detail}): another program has held a write lock on it "
+            f"for {BUSY_TIMEOUT:.0f} s (e.g. an sqlite3 session with an open transaction, or a backup tool). "
+            f"Every evaluation committed before this point is intact; close that program and continue with "
+            f"`globopt resume {path.parent}`."
+        )
     return (
         f"cannot write to the run archive {path} ({detail}): the disk may be full, a file-size limit "
         f"reached, or the run directory read-only. Every evaluation committed before this point is intact; "
@@ -161,25 +170,29 @@ def _unreadable_message(path: Path, detail: object) -> str:
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that can never write, also on a read-only folder.
+    """A connection that can never write, and that creates nothing beside the archive.
 
-    ``mode=ro`` reads a WAL archive consistently while a run writes it. On a read-only folder SQLite
-    cannot create the ``-shm`` index a WAL database needs, and refuses; when there is no ``-wal`` file
-    (the run was closed cleanly, so every commit is in the main file) the file is read as immutable.
+    With a ``-wal`` file present (a run is writing, or was killed) the archive is read through SQLite's
+    WAL index (``mode=ro``), which sees every commit and is safe beside a writer. Without one, every
+    commit is in the main file and nobody has it open, so it is read as immutable: that works on
+    read-only media and full disks, where the ``-shm`` index cannot be created, and leaves no file behind.
     """
     uri = f"file:{urllib.parse.quote(str(path.resolve()))}"
+    wal = path.with_name(path.name + "-wal")
+    if not wal.exists():
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
     try:
-        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0)
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         return db
     except sqlite3.OperationalError as exc:
-        wal = path.with_name(path.name + "-wal")
-        if "unable to open" not in str(exc) or os.access(path.parent, os.W_OK):
+        if "unable to open" not in str(exc):
             raise
-        if wal.exists() and wal.stat().st_size > 0:
+        if wal.stat().st_size > 0:
             raise sqlite3.OperationalError(
-                f"{wal.name} holds commits not yet in {path.name}, and the folder is read-only, so SQLite "
-                f"cannot read them; copy the run directory somewhere writable and read the copy"
+                f"{wal.name} holds commits not yet in {path.name}, and SQLite cannot open its index "
+                f"{path.name}-shm here (a read-only folder or a full disk); copy the run directory somewhere "
+                f"writable and read the copy"
             ) from exc
         return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
 
@@ -220,7 +233,7 @@ class Archive:
         if read_only and not exists:
             raise ArchiveError(f"there is no run archive {path}")
         try:
-            self.db = _connect_read_only(path) if read_only else sqlite3.connect(path, timeout=30.0)
+            self.db = _connect_read_only(path) if read_only else sqlite3.connect(path, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as exc:
             raise ArchiveError(_unreadable_message(path, exc)) from exc
         self.db.isolation_level = None
@@ -249,12 +262,15 @@ class Archive:
                 raise ArchiveError(damaged_message(path, str(exc))) from exc
             if read_only:
                 raise ArchiveError(_unreadable_message(path, exc)) from exc
-            if exists:
-                raise ArchiveError(write_failure_message(path, exc)) from exc
-            raise ArchiveError(damaged_message(path, str(exc))) from exc
+            raise ArchiveError(write_failure_message(path, exc)) from exc
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ArchiveError(damaged_message(path, str(exc))) from exc
+        # finished_at orders commits (relaxed_in_commit_order); a clock set back must not reorder them
+        self._last_stamp = 0.0
+        if not read_only:
+            row = self.db.execute("SELECT MAX(finished_at) FROM candidates").fetchone()
+            self._last_stamp = float(row[0] or 0.0)
         if version is None:
             if read_only:
                 self.db.close()
@@ -290,16 +306,26 @@ class Archive:
                 os.fsync(handle.fileno())
             os.replace(staging, path)
             _fsync_directory(path.parent)
-        except OSError as exc:
-            raise ArchiveError(write_failure_message(path, exc)) from exc
+        except (ArchiveError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, ArchiveError) and exc.__cause__ is not None else exc
+            raise ArchiveError(write_failure_message(path, cause)) from exc
         finally:
             for leftover in _companions(staging):
                 leftover.unlink(missing_ok=True)
 
+    def _stamp(self) -> float:
+        """The wall-clock time of a commit, never earlier than the previous one.
+
+        Commit order is read back from these stamps, so a system clock stepped back (NTP, a VM restored
+        from a snapshot, a node with a wrong clock resuming the run) must not reorder it: the stamp then
+        advances by a microsecond from the last one until the clock catches up.
+        """
+        self._last_stamp = max(time.time(), self._last_stamp + 1e-6)
+        return self._last_stamp
+
     def close(self) -> None:
-        if (
-            not self.read_only and self.db.in_transaction
-        ):  # screened rows written without a commit of their own
+        # screened rows written without a commit of their own are committed now
+        if not self.read_only and self.db.in_transaction:
             with self._transaction():
                 pass
         self.db.close()
@@ -344,7 +370,7 @@ class Archive:
         the same way. That leaves one fsync per evaluation instead of one per proposal.
         """
         s = proposal.structure
-        now = time.time()
+        now = time.time() if status is Status.PENDING else self._stamp()
         with self._transaction(commit=status is Status.PENDING, wait_for_disk=False):
             cursor = self.db.execute(
                 "INSERT INTO candidates(status, origin, parents, formula, n_atoms, initial, volume_per_atom,"
@@ -411,7 +437,7 @@ class Archive:
                     e.potential_seconds,
                     duplicate_of,
                     e.worker,
-                    time.time(),
+                    self._stamp(),
                     json.dumps(e.extra),
                     e.candidate_id,
                 ),
@@ -426,7 +452,17 @@ class Archive:
     # -- queries -----------------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any] | None:
         row = self.db.execute("SELECT value FROM search_state WHERE key='state'").fetchone()
-        return json.loads(row["value"]) if row else None
+        if row is None:
+            return None
+        try:
+            state = json.loads(row["value"])
+        except ValueError as exc:
+            raise ArchiveError(
+                damaged_message(self.path, f"its stored search state is not valid JSON: {exc}")
+            ) from None
+        if not isinstance(state, dict):
+            raise ArchiveError(damaged_message(self.path, "its stored search state is not a mapping"))
+        return state
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -461,6 +497,10 @@ class Archive:
                 "SELECT COALESCE(SUM(n_force_calls), 0) FROM candidates WHERE status != 'pending'"
             ).fetchone()[0]
         )
+
+    def finished_ids(self) -> set[int]:
+        """Ids of every candidate with an outcome (what results.csv lists)."""
+        return {r[0] for r in self.db.execute("SELECT id FROM candidates WHERE status != 'pending'")}
 
     def count_by_status(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) AS n FROM candidates GROUP BY status")

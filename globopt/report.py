@@ -17,7 +17,7 @@ from pathlib import Path
 from globopt.archive import Archive, CandidateRecord
 from globopt.candidate import Status
 from globopt.config import HTVS_UNLIMITED_BUDGET, RunConfig
-from globopt.rundir import RunDirectory, RunDirError
+from globopt.rundir import UNKNOWN_WRITER, RunDirectory, RunDirError
 
 
 @dataclass
@@ -79,6 +79,9 @@ def _status_lines(read: ReadRun, n_best: int) -> list[str]:
     ]
     if read.config_note:
         lines.append(f"note: {read.config_note}")
+    lost = read.run.lost_commits(archive)
+    if lost:
+        lines.append(f"warning: {read.run.lost_commits_message(lost)}")
     lines += restore_derived_outputs(read)
     if config.mode == "htvs":  # a screen ranks by stability, not by energy per atom across chemistries
         from globopt.htvs.output import screen_status_lines
@@ -112,6 +115,8 @@ def _evaluations_text(config: RunConfig, used: int) -> str:
 def run_state(read: ReadRun, used: int, pending: int) -> str:
     """Running, or why not and what a resume would do: from the lock (held only by a live writer)."""
     resume = f"`globopt resume {read.run.path}`"
+    if read.writer is not None and read.writer.startswith(UNKNOWN_WRITER):
+        return read.writer
     if read.writer is not None:
         return f"running ({read.writer})"
     if pending:

@@ -63,7 +63,11 @@ RESULT_COLUMNS = [
 
 # What a run that never got going may leave behind (a lock file, a log that says why): never a reason to
 # refuse a directory.
-HARMLESS = frozenset({"run.lock", "globopt.log"})
+HARMLESS = frozenset(
+    {"run.lock", "globopt.log"}
+    # an archive whose creation was interrupted (Archive.create renames it into place only when complete)
+    | {f"archive.sqlite.new{suffix}" for suffix in ("", "-wal", "-shm", "-journal")}
+)
 # Everything a run writes into its directory: what a retry may clear when nothing was committed.
 RUN_FILES = (
     "config.yaml",
@@ -74,6 +78,10 @@ RUN_FILES = (
     "ranked.csv.tmp",
 )
 RUN_FOLDERS = ("best", "best.tmp", "best.old", "stable", "stable.tmp", "stable.old", "hull")
+
+
+# RunDirectory.writer() when the lock cannot be tested
+UNKNOWN_WRITER = "cannot tell whether a process writes the run"
 
 
 class RunDirError(RuntimeError):
@@ -149,8 +157,11 @@ class RunDirectory:
                 raise RunDirError(f"{path} holds a run archive that cannot be used: {exc}") from None
             try:
                 used = archive.count_used_potential()
+                lost = self.lost_commits(archive)
             finally:
                 archive.close()
+            if lost:
+                raise RunDirError(self.lost_commits_message(lost))
             if used:
                 raise RunDirError(
                     f"{path} already holds a run ({used} evaluations committed); continue it with "
@@ -178,6 +189,30 @@ class RunDirectory:
             f"{path} is not empty ({', '.join(_listing(contents))}) and is not a globopt run: a run writes "
             f"config.yaml, results.csv and best/ there and would overwrite files of those names. Choose an "
             f"empty or new directory with --out"
+        )
+
+    def lost_commits(self, archive: Archive) -> list[int]:
+        """Ids results.csv lists as finished that the archive does not hold: commits the archive lost.
+
+        The usual cause is an ``archive.sqlite-wal`` deleted (or not copied) after a kill: SQLite keeps
+        recent commits there until it folds them into the main file. results.csv is then the only record of
+        those evaluations, and a resume or a new run would rewrite it.
+        """
+        try:
+            with open(self.results_path, newline="") as handle:
+                listed = {int(row["id"]) for row in csv.DictReader(handle) if (row.get("id") or "").isdigit()}
+        except (OSError, KeyError, ValueError, csv.Error):
+            return []
+        return sorted(listed - archive.finished_ids())
+
+    def lost_commits_message(self, lost: list[int]) -> str:
+        ids = ", ".join(map(str, lost[:10])) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+        return (
+            f"{self.results_path} lists {len(lost)} finished candidate(s) that {self.archive_path} does "
+            f"not hold (ids {ids}): the archive lost commits, most likely because archive.sqlite-wal was "
+            f"deleted or not copied after the run was killed. Restore archive.sqlite-wal if you still have "
+            f"it. To go on without those evaluations, move results.csv aside (it is their only record): "
+            f"globopt then rewrites it from the archive"
         )
 
     def _remove_run_files(self) -> None:
@@ -258,6 +293,9 @@ class RunDirectory:
                 stored_text, base = self._config_from_older_archive()
             else:
                 base = self._directory_config(stored_text, committed)
+            lost = self.lost_commits(archive)
+            if lost:
+                raise RunDirError(self.lost_commits_message(lost))
             if new_config is not None:
                 self._refuse_changes(stored_text, new_config, committed, "a config that changes")
                 config = new_config
@@ -306,8 +344,9 @@ class RunDirectory:
         changes = forbidden_changes(comparable(stored_text), config)
         if changes and committed:
             raise RunDirError(
-                f"{self.config_path} was edited and no longer matches the config this run was made with "
-                f"(archive.sqlite keeps that copy): {'; '.join(changes)}. A resume may change only "
+                f"{self.config_path} does not match the config this run was made with, which "
+                f"archive.sqlite keeps (config.yaml was edited, or the archive belongs to another run): "
+                f"{'; '.join(changes)}. A resume may change only "
                 f"{', '.join(sorted(RESUMABLE_CHANGES))}. Undo the edit (or delete config.yaml: the resume "
                 f"restores it from the archive); to search with the new settings start a new run with --out"
             )
@@ -374,6 +413,14 @@ class RunDirectory:
             raise RunDirError(
                 f"{self.path} is being written by {holder}; two processes cannot share a run"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: an NFS mount without its lock service, some FUSE mounts
+            handle.close()
+            raise RunDirError(
+                f"cannot lock {self.lock_path} ({exc}): this file system does not support file locks (an "
+                f"NFS mount without its lock service?), so globopt cannot make sure that only one process "
+                f"writes the run. Put the run directory on a file system with locks (a local disk, or NFS "
+                f"with lockd)"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -401,8 +448,8 @@ class RunDirectory:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return handle.read().strip() or "another process"
-            except OSError:  # a file system without locks: nobody can hold one either
-                return None
+            except OSError as exc:  # a file system without locks: cannot tell
+                return f"{UNKNOWN_WRITER} ({self.lock_path} cannot be locked here: {exc})"
             fcntl.flock(handle, fcntl.LOCK_UN)
             return None
         finally:

@@ -25,6 +25,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
@@ -76,7 +77,7 @@ class _Gate:
         if self._db is None:
             if self.archive is None or not self.archive.exists():
                 return 0
-            self._db = sqlite3.connect(f"file:{self.archive}?mode=ro", uri=True, timeout=30)
+            self._db = sqlite3.connect(f"file:{quote(str(self.archive))}?mode=ro", uri=True, timeout=30)
         try:
             return int(
                 self._db.execute(f"SELECT COUNT(*) FROM candidates WHERE {_USED_POTENTIAL}").fetchone()[0]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -48,7 +49,7 @@ def committed(run_dir: Path) -> dict[int, tuple]:
     path = run_dir / "archive.sqlite"
     if not path.exists():
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
     try:
         rows = db.execute(
             "SELECT id, status, energy, finished_at FROM candidates"
@@ -62,10 +63,11 @@ def committed(run_dir: Path) -> dict[int, tuple]:
 
 
 def subprocess_environment(env: dict | None = None) -> dict[str, str]:
-    """The environment of a globopt subprocess: ours, the tests folder importable (the gate calculators)."""
-    merged = {**os.environ, **(env or {})}
-    merged["PYTHONPATH"] = os.pathsep.join(p for p in [str(TESTS), merged.get("PYTHONPATH", "")] if p)
-    return merged
+    """The environment of a globopt subprocess: ours plus ``env``, importing this checkout's globopt (not
+    another installed copy) and the tests folder (the gate calculators); a PYTHONPATH in ``env`` is added."""
+    env = dict(env or {})
+    paths = [str(TESTS.parent), str(TESTS), env.pop("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def globopt_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
