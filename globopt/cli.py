@@ -201,6 +201,10 @@ def _execute(run, config, verbose: bool) -> int:
             run.path, exc, run.path,
         )  # fmt: skip
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over (e.g. while the model loads)
+        failed = False
+        log.warning("interrupted before the first evaluation; `globopt resume %s` continues", run.path)
+        return EXIT_INTERRUPTED
     finally:
         if failed and run.discard_if_nothing_committed():
             log.error(

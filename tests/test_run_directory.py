@@ -141,7 +141,7 @@ def test_hand_edited_config_cannot_change_the_search_on_resume(
     archive_before = committed(out)
     assert main(["resume", str(out)]) == 2
     error = capsys.readouterr().err
-    assert f"{config_path} was edited" in error
+    assert f"{config_path} does not match the config this run was made with" in error
     assert "composition.Cu: 2 -> 4" in error and "composition.Au: 2 -> 4" in error
     assert committed(out) == archive_before
     shutil.copy(finished / "config.yaml", config_path)
