@@ -142,7 +142,7 @@ def restore_derived_outputs(read: ReadRun) -> list[str]:
     """Regenerate a missing results.csv or best/ from the archive, where that is safe; say what happened.
 
     Only when no process writes the run (it rewrites them itself at its end) and the directory is
-    writable; the run's lock is held meanwhile, so a resume starting at that moment waits its turn.
+    writable; the run's lock is held meanwhile, so no run can start writing beside it.
     """
     run, archive = read.run, read.archive
     missing = []
@@ -172,7 +172,7 @@ def restore_derived_outputs(read: ReadRun) -> list[str]:
         return [f"{names} missing and could not be regenerated ({exc})"]
     finally:
         run.release_lock()
-    return [f"{names} was missing: regenerated from the archive"]
+    return [f"{names} {'were' if len(missing) > 1 else 'was'} missing: regenerated from the archive"]
 
 
 def write_report(path: Path, out: Path | None = None) -> list[Path]:

@@ -101,7 +101,6 @@ class RunDirectory:
         self._cif_cache: dict[int, tuple[str, str]] = {}
         # set by create(): this session made the run, so it may clear it if it fails before any commit
         self.created_here = False
-        self._created_folder = False
         # what opening the run found worth telling (logged once the run's log is set up)
         self.notes: list[str] = []
 
@@ -115,7 +114,6 @@ class RunDirectory:
         """
         run = cls(path)
         run._check_free_for_a_new_run()
-        created_folder = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -141,7 +139,6 @@ class RunDirectory:
                 f"(check permissions and free space), or choose another directory with --out"
             ) from exc
         run.created_here = True
-        run._created_folder = created_folder
         return run
 
     def _check_free_for_a_new_run(self) -> None:
@@ -291,13 +288,13 @@ class RunDirectory:
             committed = archive.count_used_potential()
             if stored_text is None:
                 stored_text, base = self._config_from_older_archive()
-            else:
+            elif new_config is None:
                 base = self._directory_config(stored_text, committed)
             lost = self.lost_commits(archive)
             if lost:
                 raise RunDirError(self.lost_commits_message(lost))
-            if new_config is not None:
-                self._refuse_changes(stored_text, new_config, committed, "a config that changes")
+            if new_config is not None:  # it replaces config.yaml, so only the archive's copy matters
+                self._refuse_changes(stored_text, new_config, committed)
                 config = new_config
             else:
                 config = base
@@ -361,7 +358,7 @@ class RunDirectory:
                 f"own copy: delete {self.config_path.name} to have the resume restore it, or fix the file)"
             ) from None
 
-    def _refuse_changes(self, stored_text: str, new: RunConfig, committed: int, what: str) -> None:
+    def _refuse_changes(self, stored_text: str, new: RunConfig, committed: int) -> None:
         changes = forbidden_changes(comparable(stored_text), new)
         if not changes:
             return
@@ -371,7 +368,7 @@ class RunDirectory:
             )
             return
         raise RunDirError(
-            f"cannot resume {self.path} with {what} {', '.join(changed_sections(changes))} "
+            f"cannot resume {self.path} with a config that changes {', '.join(changed_sections(changes))} "
             f"({'; '.join(changes)}): only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume;"
             " start a new run with --out"
         )

@@ -265,7 +265,7 @@ def test_status_and_report_regenerate_deleted_outputs(finished: Path, tmp_path: 
     (out / "results.csv").unlink()
     shutil.rmtree(out / "best")
     assert main(["status", str(out)]) == 0
-    assert "results.csv and best/ was missing: regenerated from the archive" in capsys.readouterr().out
+    assert "results.csv and best/ were missing: regenerated from the archive" in capsys.readouterr().out
     assert read_results(out) == rows
     assert sorted(p.name for p in (out / "best").iterdir()) == best
     (out / "results.csv").unlink()
