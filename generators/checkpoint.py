@@ -105,7 +105,7 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     else:
         path = Path(text).expanduser()
     if not path.is_file():
-        available = sorted(p.name for p in shipped_checkpoint("").parent.glob("*.pt"))
+        available = sorted(p.name for p in shipped_checkpoint().parent.glob("*.pt"))
         raise CheckpointError(
             f"generator checkpoint {text!r} not found; expected 'default', a path to a .pt file from "
             f"`globopt generator train`, or one of the shipped checkpoints: {', '.join(available) or 'none'}"

@@ -15,7 +15,7 @@ import torch
 from pymatgen.core import Composition, Element, Structure
 
 from generators.checkpoint import GeneratorCheckpoint, load_checkpoint
-from generators.representation import Crystal, CrystalBatch
+from generators.representation import MAX_Z, Crystal, CrystalBatch
 
 log = logging.getLogger("globopt.generators")
 
@@ -42,6 +42,7 @@ class StructureGenerator:
 
         ``steps``: reverse-diffusion steps (diffusion only; default the training schedule's)."""
         numbers = [[_atomic_number(s) for s in entry] for entry in species]
+        _check_representable(numbers)
         self._warn_unseen(numbers)
         crystals: list[Crystal] = []
         for index, start in enumerate(range(0, len(numbers), batch_size)):
@@ -95,3 +96,16 @@ def _atomic_number(value: str | int) -> int:
 
 def _to_structure(crystal: Crystal) -> Structure:
     return crystal.to_structure()
+
+
+def _check_representable(numbers: list[list[int]]) -> None:
+    """The models describe elements by a table of Z = 1..MAX_Z: name an element outside it."""
+    outside = sorted({z for entry in numbers for z in entry if not 1 <= z <= MAX_Z})
+    if outside:
+        names = ", ".join(
+            f"{Element.from_Z(z).symbol} (Z={z})" if 1 <= z <= 118 else f"Z={z}" for z in outside
+        )
+        raise ValueError(
+            f"element(s) {names} cannot be generated: the generators describe elements up to Z={MAX_Z} "
+            f"({Element.from_Z(MAX_Z).symbol})"
+        )

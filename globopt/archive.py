@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 USED_POTENTIAL = tuple(s.value for s in Status if s.used_potential)
+# Seconds a write waits for another connection's write lock before it fails.
+BUSY_TIMEOUT = 30.0
 # Statuses of candidates that never reached a relaxation: the search may propose their structures again.
 SCREENED_OUT = (Status.REJECTED, Status.DUPLICATE, Status.SKIPPED)
 
@@ -125,19 +129,31 @@ class ArchiveError(RuntimeError):
     """The archive file is unreadable or from an incompatible version."""
 
 
-def damaged_message(path: Path, detail: str) -> str:
+def damaged_message(path: Path, detail: str, empty: bool = False) -> str:
     """What a user needs when the archive cannot be read: which file, what it means, how to recover."""
+    salvage = (
+        ""
+        if empty
+        else f"; or salvage the readable rows with `sqlite3 {path} .recover | sqlite3 recovered.sqlite`"
+    )
     return (
         f"the run archive {path} is damaged or not a globopt archive ({detail}). It holds every candidate "
-        f"and the search state, so the run cannot continue from it. To recover: restore {path.name} (with "
-        f"{path.name}-wal if present) from a backup; or salvage the readable rows with "
-        f"`sqlite3 {path} .recover | sqlite3 recovered.sqlite`; results.csv and best/ in {path.parent} still "
-        f"list what was committed before the damage. To search again, start a new run with --out elsewhere."
+        f"and the search state, so the run cannot continue from it, and globopt will not start a new run "
+        f"over it. To recover: restore {path.name} (with {path.name}-wal if present) from a backup{salvage}; "
+        f"results.csv and best/ in {path.parent} still list what was committed before the damage. To search "
+        f"again, start a new run with --out elsewhere."
     )
 
 
 def write_failure_message(path: Path, detail: object) -> str:
     """Disk full, file-size limit or read-only directory: nothing committed is lost, say how to go on."""
+    if "locked" in str(detail):  # SQLite's busy timeout ran out: another program holds a write lock
+        return (
+            f"cannot write to the run archive {path} ({detail}): another program has held a write lock on it "
+            f"for {BUSY_TIMEOUT:.0f} s (e.g. an sqlite3 session with an open transaction, or a backup tool). "
+            f"Every evaluation committed before this point is intact; close that program and continue with "
+            f"`globopt resume {path.parent}`."
+        )
     return (
         f"cannot write to the run archive {path} ({detail}): the disk may be full, a file-size limit "
         f"reached, or the run directory read-only. Every evaluation committed before this point is intact; "
@@ -145,40 +161,171 @@ def write_failure_message(path: Path, detail: object) -> str:
     )
 
 
+def _unreadable_message(path: Path, detail: object) -> str:
+    """An archive that exists but cannot be opened for reading (permissions, a vanished mount)."""
+    return (
+        f"cannot read the run archive {path} ({detail}); check that the file and its folder are readable "
+        f"(and, for a WAL database on a read-only folder, that {path.name}-shm is readable too)"
+    )
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can never write, and that creates nothing beside the archive.
+
+    With a ``-wal`` file present (a run is writing, or was killed) the archive is read through SQLite's
+    WAL index (``mode=ro``), which sees every commit and is safe beside a writer. Without one, every
+    commit is in the main file and nobody has it open, so it is read as immutable: that works on
+    read-only media and full disks, where the ``-shm`` index cannot be created, and leaves no file behind.
+    """
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}"
+    wal = path.with_name(path.name + "-wal")
+    if not wal.exists():
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError as exc:
+        if "unable to open" not in str(exc):
+            raise
+        if wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"{wal.name} holds commits not yet in {path.name}, and SQLite cannot open its index "
+                f"{path.name}-shm here (a read-only folder or a full disk); copy the run directory somewhere "
+                f"writable and read the copy"
+            ) from exc
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
+
+def _companions(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 class Archive:
-    def __init__(self, path: Path) -> None:
+    """One run's archive, opened for writing (the default) or only for reading (``read_only=True``).
+
+    Opening never creates anything but a missing file: an existing file that is empty or unreadable is
+    damage, never a new run, because the results.csv and best/ beside it may be the only other record.
+    A run directory's archive is made by :meth:`create` instead, which is atomic, so a kill during the
+    creation never leaves a half-made archive behind.
+    """
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
-        existed = path.exists() and path.stat().st_size > 0
+        self.read_only = read_only
+        exists = path.exists()
+        if exists and path.stat().st_size == 0:
+            raise ArchiveError(damaged_message(path, "the file is empty (0 bytes)", empty=True))
+        if read_only and not exists:
+            raise ArchiveError(f"there is no run archive {path}")
         try:
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self._synchronous = "FULL"
-            if existed:
+            self.db = _connect_read_only(path) if read_only else sqlite3.connect(path, timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise ArchiveError(_unreadable_message(path, exc)) from exc
+        self.db.isolation_level = None
+        self.db.row_factory = sqlite3.Row
+        try:
+            if exists:
                 # A truncated or overwritten file can open fine and fail much later in the middle of a run;
                 # quick_check reads every page once (well under a second for a large archive).
                 problems = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
                 if problems != ["ok"]:
                     raise ArchiveError(damaged_message(path, "; ".join(problems)))
-            self.db.executescript(_SCHEMA)
-            version = self.get_meta("schema_version")
+            if read_only:
+                version = self.get_meta("schema_version")
+            else:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self._synchronous = "FULL"
+                self.db.executescript(_SCHEMA)
+                version = self.get_meta("schema_version")
         except ArchiveError:
             self.db.close()
             raise
         except sqlite3.OperationalError as exc:
-            if existed and "malformed" not in str(exc) and "not a database" not in str(exc):
-                raise ArchiveError(write_failure_message(path, exc)) from exc
-            raise ArchiveError(damaged_message(path, str(exc))) from exc
+            self.db.close()
+            if "malformed" in str(exc) or "not a database" in str(exc) or "no such table" in str(exc):
+                raise ArchiveError(damaged_message(path, str(exc))) from exc
+            if read_only:
+                raise ArchiveError(_unreadable_message(path, exc)) from exc
+            raise ArchiveError(write_failure_message(path, exc)) from exc
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise ArchiveError(damaged_message(path, str(exc))) from exc
+        # finished_at orders commits (relaxed_in_commit_order); a clock set back must not reorder them
+        self._last_stamp = 0.0
+        if not read_only:
+            row = self.db.execute("SELECT MAX(finished_at) FROM candidates").fetchone()
+            self._last_stamp = float(row[0] or 0.0)
         if version is None:
+            if read_only:
+                self.db.close()
+                raise ArchiveError(damaged_message(path, "it holds no globopt schema version"))
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
+            self.db.close()
             raise ArchiveError(f"{path} has archive schema {version}, this globopt reads {SCHEMA_VERSION}")
 
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, str]) -> None:
+        """Make a new archive at ``path`` holding ``meta`` (e.g. the run's config), atomically.
+
+        The archive is built under a temporary name, closed (which folds its WAL into the file), synced,
+        and only then renamed into place: ``path`` either does not exist or is a complete archive.
+        """
+        staging = path.with_name(path.name + ".new")
+        for leftover in _companions(staging):
+            leftover.unlink(missing_ok=True)
+        try:
+            archive = cls(staging)
+            try:
+                with archive._transaction():
+                    for key, value in meta.items():
+                        archive.db.execute(
+                            "INSERT INTO meta(key, value) VALUES(?, ?)"
+                            " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                            (key, value),
+                        )
+            finally:
+                archive.close()
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+            _fsync_directory(path.parent)
+        except (ArchiveError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, ArchiveError) and exc.__cause__ is not None else exc
+            raise ArchiveError(write_failure_message(path, cause)) from exc
+        finally:
+            for leftover in _companions(staging):
+                leftover.unlink(missing_ok=True)
+
+    def _stamp(self) -> float:
+        """The wall-clock time of a commit, never earlier than the previous one.
+
+        Commit order is read back from these stamps, so a system clock stepped back (NTP, a VM restored
+        from a snapshot, a node with a wrong clock resuming the run) must not reorder it: the stamp then
+        advances by a microsecond from the last one until the clock catches up.
+        """
+        self._last_stamp = max(time.time(), self._last_stamp + 1e-6)
+        return self._last_stamp
+
     def close(self) -> None:
-        if self.db.in_transaction:  # screened rows written without a commit of their own
+        # screened rows written without a commit of their own are committed now
+        if not self.read_only and self.db.in_transaction:
             with self._transaction():
                 pass
         self.db.close()
@@ -223,7 +370,7 @@ class Archive:
         the same way. That leaves one fsync per evaluation instead of one per proposal.
         """
         s = proposal.structure
-        now = time.time()
+        now = time.time() if status is Status.PENDING else self._stamp()
         with self._transaction(commit=status is Status.PENDING, wait_for_disk=False):
             cursor = self.db.execute(
                 "INSERT INTO candidates(status, origin, parents, formula, n_atoms, initial, volume_per_atom,"
@@ -290,7 +437,7 @@ class Archive:
                     e.potential_seconds,
                     duplicate_of,
                     e.worker,
-                    time.time(),
+                    self._stamp(),
                     json.dumps(e.extra),
                     e.candidate_id,
                 ),
@@ -305,7 +452,17 @@ class Archive:
     # -- queries -----------------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any] | None:
         row = self.db.execute("SELECT value FROM search_state WHERE key='state'").fetchone()
-        return json.loads(row["value"]) if row else None
+        if row is None:
+            return None
+        try:
+            state = json.loads(row["value"])
+        except ValueError as exc:
+            raise ArchiveError(
+                damaged_message(self.path, f"its stored search state is not valid JSON: {exc}")
+            ) from None
+        if not isinstance(state, dict):
+            raise ArchiveError(damaged_message(self.path, "its stored search state is not a mapping"))
+        return state
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -340,6 +497,10 @@ class Archive:
                 "SELECT COALESCE(SUM(n_force_calls), 0) FROM candidates WHERE status != 'pending'"
             ).fetchone()[0]
         )
+
+    def finished_ids(self) -> set[int]:
+        """Ids of every candidate with an outcome (what results.csv lists)."""
+        return {r[0] for r in self.db.execute("SELECT id FROM candidates WHERE status != 'pending'")}
 
     def count_by_status(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) AS n FROM candidates GROUP BY status")

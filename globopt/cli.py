@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def _main(argv: list[str] | None) -> int:
     except _UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # whoever read our output stopped reading (`globopt status RUN | head -1`): that is their choice,
+        # not an error; send the rest nowhere so the interpreter's final flush does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 class _UserError(Exception):
@@ -113,23 +120,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(
         f"{args.config}: valid. mode={config.mode} composition={config.formula} "
-        f"budget: {_budget_text(config)}; potential={config.potential.kind}:{config.potential.model}"
+        f"budget: {config.budget_text}; potential={config.potential.label}"
     )
     return EXIT_OK
-
-
-def _budget_text(config) -> str:
-    """How the run ends, as a user wrote it (a screen without a budget runs to the end of its enumeration)."""
-    from globopt.config import HTVS_UNLIMITED_BUDGET
-
-    budget = config.budget
-    unlimited = budget.evaluations >= HTVS_UNLIMITED_BUDGET
-    text = "the whole enumeration" if unlimited else f"{budget.evaluations} evaluations"
-    if budget.target_enthalpy_per_atom is not None:
-        text += f" or enthalpy <= {budget.target_enthalpy_per_atom:g} eV/atom"
-    if budget.force_calls is not None:
-        text += f" or {budget.force_calls} force calls"
-    return text
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -177,14 +170,19 @@ def _execute(run, config, verbose: bool) -> int:
 
     interactive = sys.stderr.isatty()
     configure_logging(run.log_path, interactive, verbose)
+    for note in run.notes:
+        log.warning("%s", note)
     log.info(
-        "run %s: %s search for %s, budget %s, %d worker(s), potential %s:%s, output %s",
-        config.name, config.mode, config.formula, _budget_text(config), config.workers,
-        config.potential.kind, config.potential.model, run.path,
+        "run %s: %s search for %s, budget %s, %d worker(s), potential %s, output %s",
+        config.name, config.mode, config.formula, config.budget_text, config.workers,
+        config.potential.label, run.path,
     )  # fmt: skip
+    engine = None
+    failed = True
     try:
         engine = build_engine(config, run, Progress(interactive))
         summary = engine.run()
+        failed = False
     except (
         ModelNotFoundError,
         ModelLoadError,
@@ -203,28 +201,51 @@ def _execute(run, config, verbose: bool) -> int:
             run.path, exc, run.path,
         )  # fmt: skip
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over (e.g. while the model loads)
+        failed = False
+        log.warning("interrupted before the first evaluation; `globopt resume %s` continues", run.path)
+        return EXIT_INTERRUPTED
     finally:
+        if failed and run.discard_if_nothing_committed():
+            log.error(
+                "nothing was committed, so %s was cleared (this log stays): fix the problem above and run "
+                "the same command again",
+                run.path,
+            )
         run.release_lock()
     _log_summary(summary, run)
+    failures = [o.failure for o in engine.observers if o.failure]
+    if failures:
+        return EXIT_USAGE
     return EXIT_INTERRUPTED if summary.interrupted else EXIT_OK
 
 
 def _log_summary(summary, run) -> None:
+    """The end of a session: the best structure (once), this session's time, the evaluations committed."""
     if summary.best_id is not None:
         log.info(
             "best: %.4f eV/atom %s (candidate %d); structures in %s",
             summary.best_enthalpy_per_atom, summary.best_spacegroup or "", summary.best_id, run.best_path,
         )  # fmt: skip
+    if summary.session_evaluations == 0 and not summary.interrupted and summary.evaluations >= summary.budget:
+        log.info(
+            "nothing to do: %d evaluations were committed before and the budget is %d; to go on, resume with "
+            "a larger budget.evaluations (`globopt run CONFIG --resume --out %s`)",
+            summary.evaluations, summary.budget, run.path,
+        )  # fmt: skip
+        return
     if summary.relax_seconds > 0:
         log.info(
             "this session: %.1f s wall, %.1f s relaxing, %.1f s inside the potential (%.0f%% of wall time)",
             summary.wall_seconds, summary.relax_seconds, summary.potential_seconds,
             100 * summary.potential_seconds / max(summary.wall_seconds, 1e-9),
         )  # fmt: skip
+    over = summary.evaluations > summary.budget
     log.info(
-        "%d/%d evaluations committed%s",
-        summary.evaluations,
-        summary.budget,
+        "%s evaluations committed%s",
+        f"{summary.evaluations} (budget {summary.budget})"
+        if over
+        else f"{summary.evaluations}/{summary.budget}",
         " (interrupted: resume with `globopt resume " + str(run.path) + "`)" if summary.interrupted else "",
     )
 

@@ -107,6 +107,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues the checkpoint at --out; --init starts a new one: use one")
         if any(m < 2 for m in args.supercells):
             raise ValueError(f"--supercells: multiples must be at least 2, got {args.supercells}")
+        if not args.resume and args.out.exists():
+            raise ValueError(
+                f"--out {args.out} already exists; training would overwrite it. Continue that checkpoint "
+                f"with --resume, start from it with --init {args.out} --out NEW.pt, or choose another --out"
+            )
         torch.set_num_threads(args.threads)
         _logging()
         lr = args.lr if args.lr is not None else (1e-3 if args.kind == "diffusion" else 1e-4)
@@ -130,15 +135,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         from generators.sample import StructureGenerator
 
         _positive("n", args.n)
-        generator = StructureGenerator(args.checkpoint)
         _positive("steps", args.steps)
+        names = [args.out / f"{args.composition}_{i:03d}.cif" for i in range(args.n)]
+        _check_sample_folder(args.out, names)
+        generator = StructureGenerator(args.checkpoint)
         structures = generator.generate_composition(
             args.composition, args.n, seed=args.seed, steps=args.steps
         )
         args.out.mkdir(parents=True, exist_ok=True)
         valid = 0
-        for i, structure in enumerate(structures):
-            structure.to(filename=str(args.out / f"{args.composition}_{i:03d}.cif"))
+        for path, structure in zip(names, structures, strict=True):
+            structure.to(filename=str(path))
             valid += structurally_valid(structure)
         print(
             f"{len(structures)} structures of {args.composition} in {args.out} ({valid} structurally valid)"
@@ -146,6 +153,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run(action)
+
+
+def _check_sample_folder(out: Path, names: list[Path]) -> None:
+    """--out must be a folder (or not exist yet), and sampling never overwrites CIF files already there."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the CIF files (it is created if missing)")
+    taken = [p.name for p in names if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        raise ValueError(
+            f"--out {out} already holds {', '.join(taken[:3])}{more}; sampling would overwrite them. Choose "
+            f"another --out, or move those files away"
+        )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

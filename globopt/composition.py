@@ -62,6 +62,13 @@ def _check_symbols_in_formula(text: str) -> None:
     for symbol in re.findall(r"[A-Z][a-z]*", text):
         if not Element.is_valid_symbol(symbol):
             raise ValueError(f"{symbol!r} in formula {text!r} is not a chemical element symbol")
+    # pymatgen drops an element written with count 0 (Cu0Au2 reads as Au2): name it instead
+    for symbol, count in re.findall(r"([A-Z][a-z]*)\s*(\d*\.?\d+)", text):
+        if float(count) == 0:
+            raise ValueError(
+                f"count of {symbol} is {count} in formula {text!r}; every element needs a positive count "
+                f"(remove {symbol} to search without it)"
+            )
     if re.search(r"[^A-Za-z0-9.()\s]", text) or re.match(r"^[a-z]", text):
         raise ValueError(
             f"cannot parse formula {text!r}; expected element symbols with counts, e.g. 'Na4Cl4'"

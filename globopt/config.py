@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -25,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
+from globopt.config_section import Section
 from globopt.htvs.settings import HtvsConfig, resolve_paths
 from globopt.search.operators import OPERATORS
 from surrogates.m3gnet import DEFAULT_MODEL
@@ -34,8 +34,15 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message lists every problem found."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+_Section = Section
+
+# Validation context key: False skips the checks that look outside the config (model folders, template and
+# checkpoint files, calculator imports), for reading a finished run's stored config on another machine.
+CHECK_ENVIRONMENT = "check_environment"
+
+
+def _checks_environment(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get(CHECK_ENVIRONMENT, True))
 
 
 # budget.evaluations of an htvs run without one: the enumeration ends the run, not the budget.
@@ -62,7 +69,9 @@ class PotentialConfig(_Section):
         "matgl",
         description="matgl (M3GNet etc.), emt (ASE EMT, for tests), chgnet, or ase (any ASE calculator)",
     )
-    model: str = Field(DEFAULT_MODEL, description="matgl model name or folder (kind: matgl / chgnet)")
+    model: str | None = Field(
+        None, description=f"matgl model name or folder (kind: matgl only; default {DEFAULT_MODEL})"
+    )
     calculator: str | None = Field(
         None, description="'package.module:ClassName' of an ASE calculator (kind: ase)"
     )
@@ -84,12 +93,49 @@ class PotentialConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _calculator_given_for_ase(self) -> PotentialConfig:
+    def _settings_fit_the_kind(self) -> PotentialConfig:
         if self.kind == "ase" and not self.calculator:
             raise ValueError(
                 "potential.calculator is required with kind: ase (e.g. 'ase.calculators.emt:EMT')"
             )
+        if self.kind != "ase" and self.calculator:
+            raise ValueError(
+                f"potential.calculator is used only with kind: ase (got kind: {self.kind}); remove it"
+            )
+        if self.kind == "matgl":
+            if self.model is None:
+                self.model = DEFAULT_MODEL
+        elif self.model == DEFAULT_MODEL:
+            self.model = None  # configs written by earlier versions store the default model for every kind
+        elif self.model is not None:
+            raise ValueError(
+                f"potential.model is used only with kind: matgl (got kind: {self.kind}, "
+                f"model: {self.model!r}); remove it"
+            )
         return self
+
+    @property
+    def label(self) -> str:
+        """What the logs and `globopt status` call this potential: emt, matgl:<model>, ase:<class>."""
+        if self.kind == "matgl":
+            return f"matgl:{self.model}"
+        if self.kind == "ase":
+            return f"ase:{self.calculator}"
+        return self.kind
+
+    def check_available(self) -> frozenset[str] | None:
+        """Resolve the potential now, the way a run will: raise ValueError naming what is missing.
+
+        Returns the elements it covers when that is known without loading it. A model that cannot be
+        found or whose files are damaged would otherwise only show up in the first relaxation, after the
+        run directory exists.
+        """
+        from surrogates.potentials import PotentialUnavailableError, check_potential
+
+        try:
+            return check_potential(self.kind, self.model, self.calculator)
+        except PotentialUnavailableError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class RelaxConfig(_Section):
@@ -321,8 +367,8 @@ class InitialPopulationConfig(_Section):
 
     @field_validator("generator")
     @classmethod
-    def _checkpoint_exists(cls, value: str | None) -> str | None:
-        if value is None:
+    def _checkpoint_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not _checks_environment(info):
             return value
         from generators.checkpoint import CheckpointError, resolve_checkpoint
 
@@ -373,9 +419,13 @@ class RunConfig(_Section):
         return parse_composition(value)
 
     @model_validator(mode="after")
-    def _mode_inputs(self) -> RunConfig:
+    def _mode_inputs(self, info: ValidationInfo) -> RunConfig:
         """A search needs a composition; a screen needs an htvs section and enumerates its compositions."""
         if self.mode != "htvs":
+            if self.htvs is not None:
+                raise ValueError(
+                    f"the htvs section applies to mode htvs only (mode is {self.mode}); remove it"
+                )
             return self
         if self.htvs is None:
             raise ValueError("mode htvs needs an 'htvs' section (templates and substitutions)")
@@ -391,13 +441,16 @@ class RunConfig(_Section):
         if "evaluations" not in self.budget.model_fields_set:
             # A screen's natural budget is its whole enumeration; budget.evaluations caps it when given.
             self.budget = BudgetConfig(evaluations=HTVS_UNLIMITED_BUDGET)
+        if not _checks_environment(info):
+            return self
         from globopt.htvs.enumeration import Enumeration
         from surrogates.potentials import covered_elements
 
         try:
-            Enumeration(self.htvs, covered_elements(self.potential.kind, self.potential.model))
+            covered = covered_elements(self.potential.kind, self.potential.model)
+            Enumeration(self.htvs, covered).check_yields_candidates(self.htvs.stop_after)
         except ValueError as exc:  # TemplateError, EnumerationError, PartialSubstitutionError
-            raise ValueError(f"htvs: {exc}") from None
+            raise ValueError(str(exc) if str(exc).startswith("htvs.") else f"htvs: {exc}") from None
         return self
 
     @field_validator("formula_units", mode="before")
@@ -419,10 +472,22 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _generator_only_for_ga_pso(self) -> RunConfig:
-        if self.initial_population.generator is not None and self.mode not in ("ga", "pso"):
+        if self.initial_population.generator is None:
+            return self
+        if self.mode not in ("ga", "pso"):
             raise ValueError(
                 f"initial_population.generator seeds the first generation of mode ga or pso, "
                 f"not mode {self.mode}; remove it or change the mode"
+            )
+        from pymatgen.core import Element
+
+        from generators.representation import MAX_Z
+
+        beyond = [el for el in self.composition or {} if Element(el).Z > MAX_Z]
+        if beyond:
+            raise ValueError(
+                f"initial_population.generator: the generators describe elements up to Z={MAX_Z}, not "
+                f"{', '.join(beyond)}; remove initial_population or the element"
             )
         return self
 
@@ -457,17 +522,18 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _potential_covers_elements(self) -> RunConfig:
-        from surrogates.potentials import covered_elements
-
-        covered = covered_elements(self.potential.kind, self.potential.model)
+    def _potential_usable(self, info: ValidationInfo) -> RunConfig:
+        """The potential resolves (model folder found and intact, calculator importable) and covers the
+        composition's elements."""
+        if not _checks_environment(info):
+            return self
+        covered = self.potential.check_available()
         if covered is not None and self.composition is not None:
             missing = [el for el in self.composition if el not in covered]
             if missing:
                 raise ValueError(
                     f"composition: element(s) {', '.join(missing)} not covered by the potential "
-                    f"(potential.kind={self.potential.kind}, model={self.potential.model}); "
-                    f"it covers: {' '.join(sorted(covered))}"
+                    f"({self.potential.label}); it covers: {' '.join(sorted(covered))}"
                 )
         return self
 
@@ -482,6 +548,19 @@ class RunConfig(_Section):
         return text
 
     @property
+    def budget_text(self) -> str:
+        """How the run ends, as a user wrote it (a screen without a budget runs to the end of its
+        enumeration)."""
+        budget = self.budget
+        unlimited = budget.evaluations >= HTVS_UNLIMITED_BUDGET
+        text = "the whole enumeration" if unlimited else f"{budget.evaluations} evaluations"
+        if budget.target_enthalpy_per_atom is not None:
+            text += f" or enthalpy <= {budget.target_enthalpy_per_atom:g} eV/atom"
+        if budget.force_calls is not None:
+            text += f" or {budget.force_calls} force calls"
+        return text
+
+    @property
     def cell_contents(self) -> list[dict[str, int]]:
         """Every cell content the search may build (none given up front for htvs)."""
         if self.composition is None:
@@ -492,32 +571,83 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML keeps the last of two ``budget:`` sections without a word, so half of what the user wrote
+    would be ignored.
+    """
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:  # an unhashable key: let the default constructor report it
+            continue
+        if first != line:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} appears twice (lines {first} and {line}); keep one",
+                key_node.start_mark,
+            )
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def read_yaml_mapping(path: Path, what: str, expected_keys: str) -> dict[str, Any]:
     """The top-level mapping of a YAML file; ConfigError when it is missing, not YAML or not a mapping.
 
     ``what`` names the file in the message ("config file"), ``expected_keys`` hints at its top-level keys.
+    A key repeated within one mapping is an error too.
     """
+    if path.is_dir():
+        hint = (
+            f"; to continue that run use `globopt resume {path}`"
+            if (path / "archive.sqlite").exists()
+            else (
+                f" (it holds {path / 'config.yaml'}: give that file)"
+                if (path / "config.yaml").is_file()
+                else ""
+            )
+        )
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file{hint}")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as handle:  # a stream, so that YAML's messages name the file
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys ({expected_keys}, ...) at the top level")
     return data
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config; raise ConfigError with every problem named by key."""
+def load_config(path: str | Path, check_environment: bool = True) -> RunConfig:
+    """Read and validate a YAML config; raise ConfigError with every problem named by key.
+
+    ``check_environment=False`` skips the checks that look outside the file (model, templates, calculator):
+    for reading what a finished run was, on a machine that may not have its model.
+    """
     path = Path(path)
     data = read_yaml_mapping(path, "config file", "name, mode, composition")
-    return parse_config(resolve_paths(data, path.resolve().parent), source=str(path))
+    return parse_config(
+        resolve_paths(data, path.resolve().parent), source=str(path), check_environment=check_environment
+    )
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+def parse_config(data: dict[str, Any], source: str = "config", check_environment: bool = True) -> RunConfig:
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={CHECK_ENVIRONMENT: check_environment})
     except ValidationError as exc:
         lines = [_describe_error(err) for err in exc.errors()]
         raise ConfigError(

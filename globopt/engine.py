@@ -142,6 +142,7 @@ class RunSummary:
     potential_seconds: float
     relax_seconds: float
     interrupted: bool = False
+    session_evaluations: int = 0  # committed by this session (evaluations counts every session)
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,7 @@ class Engine:
             potential_seconds=potential_seconds,
             relax_seconds=relax_seconds,
             interrupted=interrupted,
+            session_evaluations=evaluations - used_at_start,
         )
 
     def _log_window_cost(self, used: int, since: float) -> float:

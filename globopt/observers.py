@@ -46,7 +46,13 @@ class CommitContext:
 
 
 class CommitObserver:
-    """Base class: override the hooks you need (all default to doing nothing)."""
+    """Base class: override the hooks you need (all default to doing nothing).
+
+    An observer that could not write its output (the archive, which holds everything, is unaffected) sets
+    ``failure`` to a message saying so; the command then ends with exit code 2 instead of claiming success.
+    """
+
+    failure: str | None = None
 
     def run_started(self, archive: Archive, best: BestSoFar | None, done: int, total: int) -> None:
         """Before the first proposal of this session; ``done`` evaluations were committed before."""

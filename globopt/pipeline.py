@@ -8,6 +8,7 @@ config, here.
 
 from __future__ import annotations
 
+from globopt.archive import ArchiveError, damaged_message
 from globopt.config import RunConfig
 from globopt.engine import Budget, Engine
 from globopt.evaluator.early_stop import EarlyStopSettings
@@ -28,7 +29,14 @@ def build_engine(config: RunConfig, run: RunDirectory, progress: Progress) -> En
     search = make_search(config)
     state = archive.load_state()
     if state is not None:
-        search.load_state_dict(state)
+        try:
+            search.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            archive.close()
+            detail = (
+                f"its stored search state does not fit a {config.mode} search ({type(exc).__name__}: {exc})"
+            )
+            raise ArchiveError(damaged_message(archive.path, detail)) from None
     observers: list[CommitObserver] = []
     if config.objectives:
         observers.append(ObjectiveValues(config.objectives))

@@ -87,7 +87,7 @@ class Progress:
 
     def start(self, total: int, done: int, best: tuple[float, int, str | None] | None) -> None:
         self.total, self.done = total, done
-        if self.interactive:
+        if self.interactive and done < total:  # a spent budget has nothing to show progress on
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(

@@ -141,6 +141,12 @@ class ProcessPoolScheduler(Scheduler):
         return len(self._futures) + len(self._lost)
 
     def close(self) -> None:
+        """Release the workers. Tasks still running here are abandoned (the engine closes the pool with
+        work in flight only when it was interrupted; a resume re-issues them), so their processes are ended
+        rather than waited for: a relaxation may take minutes, and SIGTERM must end the run now."""
+        if any(not future.done() for future in self._futures):
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.terminate()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,8 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "ModelNotFoundError",
+    "check_model",
+    "check_model_folder",
     "find_model_dir",
     "load_potential",
     "make_calculator",
@@ -158,6 +161,58 @@ def model_elements(model: str) -> frozenset[str] | None:
     folder = find_model_dir(model)
     if folder is None:
         return None
+    return _elements_from_meta(_read_model_json(folder))
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise ModelLoadError naming the file when a model folder is incomplete, truncated or not a model.
+
+    Cheap (no torch): the three files must exist and be non-empty, model.json must be a matgl
+    description, and model.pt / state.pt must be intact torch archives (zip files whose CRCs check out).
+    A copy interrupted half-way is the usual cause, and it would otherwise surface as a 50-line traceback
+    inside the first relaxation.
+    """
+    fix = "copy the complete checkpoint folder again (model.json, model.pt, state.pt)"
+    missing = [f for f in _MODEL_FILES if not (folder / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"model folder {folder} lacks {', '.join(missing)}; {fix}")
+    for name in _MODEL_FILES:
+        path = folder / name
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path} is empty; {fix}")
+    try:
+        _read_model_json(folder)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}; {fix}") from None
+    for name in ("model.pt", "state.pt"):
+        path = folder / name
+        with open(path, "rb") as handle:
+            legacy_pickle = handle.read(2) == b"\x80\x02"  # torch < 1.6 format: cannot be checked cheaply
+        if legacy_pickle:
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelLoadError(f"{path} is truncated or not a torch checkpoint ({exc}); {fix}") from None
+        if bad is not None:
+            raise ModelLoadError(f"{path} is damaged (entry {bad} fails its checksum); {fix}")
+
+
+def check_model(model: str) -> frozenset[str] | None:
+    """Resolve ``model`` as :func:`load_potential` will and check its files; the elements it covers.
+
+    Raises ModelNotFoundError when no local folder holds it and it cannot be downloaded, ModelLoadError
+    when its folder is damaged. Returns None for a model only matgl's download can provide (its elements
+    are known once it is loaded).
+    """
+    folder = find_model_dir(model)
+    if folder is None:
+        reason = _hub_unreachable_reason(model)
+        if reason is not None:
+            raise _not_found(model, reason)
+        return None
+    check_model_folder(folder)
     return _elements_from_meta(_read_model_json(folder))
 
 
@@ -310,7 +365,8 @@ def _build_dgl_era_potential(folder: Path, meta: dict[str, Any]) -> Potential:
     if missing or unexpected:
         raise ModelLoadError(
             f"{folder / 'state.pt'} does not match the network described by model.pt: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}; the folder mixes files of different models "
+            f"or holds a damaged copy: copy the complete checkpoint folder again"
         )
     return potential
 
@@ -334,9 +390,7 @@ def _load_native(folder: Path) -> Potential:
 
 def _load_local(folder: Path) -> tuple[Potential, str, frozenset[str] | None]:
     """Load a model folder by the code path its checkpoint needs; returns (potential, code path, elements)."""
-    missing = [f for f in _MODEL_FILES if not (folder / f).is_file()]
-    if missing:
-        raise ModelLoadError(f"model folder {folder} lacks {', '.join(missing)}")
+    check_model_folder(folder)
     meta = _read_model_json(folder)
     if _is_dgl_era(meta):
         return _build_dgl_era_potential(folder, meta), CODE_PATH_DGL_ERA, _elements_from_meta(meta)
@@ -365,12 +419,22 @@ def _hub_unreachable_reason(name: str) -> str | None:
 
 
 def _not_found(name: str, reason: str) -> ModelNotFoundError:
-    searched = [str(d) for d in _search_dirs()]
+    configured = [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    if not configured:
+        models_env = f"${MODELS_ENV} is not set"
+    else:
+        absent = [p for p in configured if not Path(p).expanduser().is_dir()]
+        models_env = f"${MODELS_ENV}={os.pathsep.join(configured)}" + (
+            f" (no such folder: {', '.join(absent)})" if absent else ""
+        )
+    hint = ""
+    if name.lower() in ("emt", "chgnet"):
+        hint = f" To use {name}, write `kind: {name.lower()}` under potential: instead of `model: {name}`."
     return ModelNotFoundError(
-        f"model {name!r} was not found: it is not an existing folder, not in any of {searched} "
-        f"(${MODELS_ENV} folders, then matgl's cache), and it cannot be downloaded by name: {reason}. "
-        f"Set {MODELS_ENV} to a folder that contains {name}/ (model.json, model.pt, state.pt), "
-        "or give the model as a folder path."
+        f"model {name!r} was not found: it is not an existing folder, not in any of "
+        f"{[str(d) for d in _search_dirs()]} ({models_env}; then matgl's cache), and it cannot be "
+        f"downloaded by name: {reason}. Set {MODELS_ENV} to a folder that contains {name}/ (model.json, "
+        f"model.pt, state.pt), or give the model as a folder path.{hint}"
     )
 
 

@@ -9,11 +9,12 @@ wall time spent inside the potential is how we know the rest of the engine is no
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import BaseCalculator, Calculator, all_changes
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -83,20 +84,50 @@ def device_problem(device: str) -> str:
     return ""
 
 
-def covered_elements(kind: str, model: str) -> frozenset[str] | None:
+def covered_elements(kind: str, model: str | None) -> frozenset[str] | None:
     """Elements the potential has parameters for, or None when unknown without loading it."""
     if kind == "emt":
         return EMT_ELEMENTS
     if kind == "matgl":
-        from surrogates.m3gnet import model_elements
+        from surrogates.m3gnet import ModelLoadError, model_elements
 
-        return model_elements(model)
+        try:
+            return model_elements(str(model))
+        except ModelLoadError:  # a damaged folder: check_potential names it where it matters
+            return None
     return None
+
+
+def check_potential(kind: str, model: str | None, calculator: str | None) -> frozenset[str] | None:
+    """Check that the potential can be built here, without building it; the elements it covers if known.
+
+    Raises PotentialUnavailableError naming what is missing (a model folder, a damaged file, a package, a
+    calculator class), so that `globopt validate` and the start of a run say it before any work is done.
+    """
+    if kind == "emt":
+        return EMT_ELEMENTS
+    if kind == "matgl":
+        from surrogates.m3gnet import ModelLoadError, ModelNotFoundError, check_model
+
+        try:
+            return check_model(str(model))
+        except (ModelNotFoundError, ModelLoadError) as exc:
+            raise PotentialUnavailableError(f"potential.model: {exc}") from None
+    if kind == "chgnet":
+        if importlib.util.find_spec("chgnet") is None:
+            raise PotentialUnavailableError(
+                "potential.kind=chgnet needs the chgnet package: pip install 'globopt[chgnet]'"
+            )
+        return None
+    if kind == "ase":
+        _import_calculator(str(calculator))
+        return None
+    raise PotentialUnavailableError(f"unknown potential kind {kind!r}; expected matgl, emt, chgnet or ase")
 
 
 def build_calculator(
     kind: str,
-    model: str,
+    model: str | None,
     calculator: str | None = None,
     calculator_kwargs: dict[str, Any] | None = None,
     device: str = "cpu",
@@ -108,11 +139,13 @@ def build_calculator(
     return _CACHE[key]
 
 
-def _build(kind: str, model: str, calculator: str | None, kwargs: dict[str, Any], device: str) -> Calculator:
+def _build(
+    kind: str, model: str | None, calculator: str | None, kwargs: dict[str, Any], device: str
+) -> Calculator:
     if kind == "matgl":
         from surrogates.m3gnet import make_calculator
 
-        return make_calculator(model, device=device)
+        return make_calculator(str(model), device=device)
     if kind == "emt":
         from ase.calculators.emt import EMT
 
@@ -139,7 +172,14 @@ def _import_calculator(path: str) -> type[Calculator]:
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise PotentialUnavailableError(f"cannot import ASE calculator {path!r}: {exc}") from exc
+        raise PotentialUnavailableError(
+            f"potential.calculator: cannot import ASE calculator {path!r}: {exc}"
+        ) from exc
+    if not (isinstance(cls, type) and issubclass(cls, BaseCalculator)):
+        raise PotentialUnavailableError(
+            f"potential.calculator: {path!r} is not an ASE calculator class (a subclass of "
+            f"ase.calculators.calculator.BaseCalculator)"
+        )
     return cls
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ def validate_cli(tmp_path: Path, data: dict | str, capsys) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-def test_minimal_config_gets_documented_defaults() -> None:
+def test_minimal_config_gets_documented_defaults(models_dir: Path) -> None:
     config = parse_config({"name": "nacl", "composition": "Na4Cl4"})
     assert config.mode == "random"
     assert config.composition == {"Na": 4, "Cl": 4}
@@ -57,7 +60,7 @@ def test_composition_mapping_and_formula_agree() -> None:
         ({"composition": "Na0.5Cl0.5"}, "must be a positive integer number of atoms"),
         ({"composition": {"Na": -1, "Cl": 1}}, "must be a positive integer number of atoms"),
         ({"composition": "Na300Cl300"}, "more than the 200 a search can handle"),
-        ({"composition": "Na4Cl4"}, "not covered by the potential (potential.kind=emt"),
+        ({"composition": "Na4Cl4"}, "not covered by the potential (emt); it covers: Ag Al Au"),
         ({"potential": {"kind": "ase"}}, "potential.calculator is required with kind: ase"),
         ({"relax": {"fmax": -1}}, "'relax.fmax'"),
         ({"checks": {"volume_factor_range": [5, 1]}}, "0 < low < high"),
@@ -137,3 +140,128 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 def test_bundled_examples_are_valid(models_dir: Path) -> None:
     for path in sorted(Path(__file__).resolve().parents[1].glob("runs/examples/*.yaml")):
         assert isinstance(load_config(path), RunConfig)
+
+
+# -- input that used to be read silently as something else ------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("composition: Cu0Au2\n", "count of Cu is 0 in formula 'Cu0Au2'"),
+        ("composition: Cu2Au2\nbudget: {evaluations: 3}\nbudget: {evaluations: 9}\n",
+         "key 'budget' appears twice (lines 4 and 5)"),
+        ("composition: Cu2Au2\nbudget: {evaluations: true}\n",
+         "'budget.evaluations': expected an integer, got true"),
+        ("composition: Cu2Au2\nrelax: {fmax: yes}\n", "'relax.fmax': expected a number, got true"),
+        ("composition: Cu2Au2\nga: {operators: {heredity: true}}\n", "yes/no values for heredity"),
+        ("composition: Cu2Au2\nseed: false\n", "'seed': expected an integer"),
+        ("composition: Cu2Au2\npotential: {kind: emt, model: M3GNet-MatPES-PBE-v2025.1-PES}\n",
+         "potential.model is used only with kind: matgl (got kind: emt"),
+        ("composition: Cu2Au2\nhtvs: {templates: [{prototype: B2}]}\n", "applies to mode htvs only"),
+        ("composition: Cu2Au2\npotential: {kind: ase, calculator: 'ase.calculators.emt:NoSuch'}\n",
+         "potential.calculator: cannot import ASE calculator 'ase.calculators.emt:NoSuch'"),
+        ("composition: Cu2Au2\npotential: {kind: ase, calculator: 'ase.build:bulk'}\n",
+         "is not an ASE calculator class"),
+    ],
+)  # fmt: skip
+def test_input_that_was_read_as_something_else_is_named(
+    tmp_path: Path, capsys, text: str, expected: str
+) -> None:
+    header = "name: t\npotential: {kind: emt}\n" if "potential" not in text else "name: t\n"
+    code, output = validate_cli(tmp_path, header + text, capsys)
+    assert code == 2, output
+    assert expected in output, output
+    assert "Traceback" not in output
+
+
+def test_configs_written_by_earlier_versions_still_load() -> None:
+    """Earlier versions stored the default model under every potential kind: read as no model."""
+    config = parse_config({**BASE, "potential": {"kind": "emt", "model": "M3GNet-MP-2021.2.8-PES"}})
+    assert config.potential.model is None and config.potential.label == "emt"
+
+
+def test_a_directory_given_as_the_config_is_named(tmp_path: Path, capsys) -> None:
+    assert main(["validate", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a directory, not a YAML file" in capsys.readouterr().err
+    assert main(["run", str(emt_config_in(tmp_path)), "--out", str(tmp_path / "run")]) == 0
+    assert main(["validate", str(tmp_path / "run")]) == 2
+    assert f"use `globopt resume {tmp_path / 'run'}`" in capsys.readouterr().err
+
+
+def emt_config_in(folder: Path) -> Path:
+    path = folder / "cuau.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "budget": {"evaluations": 1}}))
+    return path
+
+
+# -- the model is resolved by validate, as the run will resolve it ----------------------------------------
+def test_unknown_model_is_refused_by_validate(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GLOBOPT_MODELS", str(tmp_path / "nowhere"))
+    code, output = validate_cli(
+        tmp_path, {"name": "t", "composition": "NaCl", "potential": {"model": "emt"}}, capsys
+    )
+    assert code == 2
+    assert "model 'emt' was not found" in output and "write `kind: emt` under potential:" in output
+    code, output = validate_cli(tmp_path, {"name": "t", "composition": "NaCl"}, capsys)
+    assert code == 2
+    assert "model 'M3GNet-MP-2021.2.8-PES' was not found" in output
+    assert f"GLOBOPT_MODELS={tmp_path / 'nowhere'} (no such folder: {tmp_path / 'nowhere'})" in output
+    assert not (tmp_path / "runs").exists()
+    assert (
+        main(
+            ["run", str(write(tmp_path, {"name": "t", "composition": "NaCl"})), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
+    assert not (tmp_path / "r").exists(), "a config refused before the run leaves no run directory"
+
+
+def _damaged_model(models_dir: Path, tmp_path: Path, damage: str) -> Path:
+    folder = tmp_path / "models" / "M3GNet-MP-2021.2.8-PES"
+    if damage == "empty folder":
+        folder.mkdir(parents=True)
+        return folder
+    shutil.copytree(models_dir / "M3GNet-MP-2021.2.8-PES", folder)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    if damage == "truncated model.json":
+        text = (folder / "model.json").read_text()
+        (folder / "model.json").write_text(text[: len(text) // 3])
+    elif damage == "truncated model.pt":
+        data = (folder / "model.pt").read_bytes()
+        (folder / "model.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "garbled state.pt":
+        data = bytearray((folder / "state.pt").read_bytes())
+        with zipfile.ZipFile(folder / "state.pt") as archive:
+            info = max(archive.infolist(), key=lambda i: i.compress_size)
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 64
+        data[start : start + 256] = b"\x00" * 256
+        (folder / "state.pt").write_bytes(bytes(data))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("empty folder", "lacks model.json, model.pt, state.pt"),
+        ("truncated model.json", "cannot read model description"),
+        ("truncated model.pt", "model.pt is truncated or not a torch checkpoint"),
+        ("garbled state.pt", "state.pt is damaged"),
+    ],
+)
+def test_damaged_model_folder_is_named_by_validate_and_run(
+    tmp_path: Path, models_dir: Path, monkeypatch, damage: str, expected: str
+) -> None:
+    folder = _damaged_model(models_dir, tmp_path, damage)
+    monkeypatch.setenv("GLOBOPT_MODELS", str(folder.parent))
+    path = write(tmp_path, {"name": "t", "composition": "NaCl", "budget": {"evaluations": 1}})
+    for command in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
+        result = subprocess.run(
+            [sys.executable, "-m", "globopt", *command], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "GLOBOPT_MODELS": str(folder.parent)},
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert expected in result.stderr and str(folder) in result.stderr
+        assert "copy the complete checkpoint folder again" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -167,24 +167,31 @@ def test_two_worker_processes(tmp_path: Path) -> None:
 
 
 def test_killed_worker_process_does_not_stop_the_run(tmp_path: Path) -> None:
+    """A pool worker SIGKILLed inside a relaxation: its candidate is re-issued and the run completes.
+
+    The gate holds one worker inside its relaxation after the first commit, so the kill certainly hits a
+    worker with a candidate in hand, and the run cannot have ended before.
+    """
     import psutil
-    from helpers import globopt_process, wait_for
+    from helpers import PATIENCE, Gate, globopt_process
 
     out = tmp_path / "run"
-    config = emt_config(tmp_path, evaluations=8, workers=2)
-    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path)
+    config = emt_config(tmp_path, evaluations=8, workers=2, gated=True)
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(1)
+    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path, env=gate.env)
     try:
-        wait_for(lambda: len(committed(out)) >= 1, timeout=120, what="a first committed evaluation")
-        workers = [
-            child
-            for child in psutil.Process(process.pid).children(recursive=True)
-            if "spawn_main" in " ".join(child.cmdline())
-        ]
-        assert len(workers) == 2
-        workers[0].kill()
-        output, _ = process.communicate(timeout=300)
+        blocked = gate.wait(process)
+        victim = psutil.Process(blocked["pid"])
+        assert victim in psutil.Process(process.pid).children(recursive=True), "a pool worker is blocked"
+        victim.kill()
+        victim.wait(timeout=PATIENCE)
+        gate.release()
+        output, _ = process.communicate(timeout=PATIENCE)
     finally:
         process.kill()
     assert process.returncode == 0, output
     assert "worker process died" in output and "re-issuing" in output
     assert len(committed(out)) == 8
+    attempts = {int(r["id"]): int(r["attempts"]) for r in read_results(out) if r["attempts"]}
+    assert sorted(attempts.values())[-1] == 2, "the dead worker's candidate was issued a second time"

@@ -11,18 +11,24 @@ that stops taking bytes), a read-only mount or permissions, bytes overwritten in
 from __future__ import annotations
 
 import os
-import random
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import committed, emt_config, globopt_process, logged_ids, read_results, wait_for
+from helpers import (
+    PATIENCE,
+    Gate,
+    committed,
+    emt_config,
+    globopt_process,
+    logged_ids,
+    read_only_command,
+    read_results,
+)
 
 from globopt.archive import Archive
 from globopt.cli import main
@@ -45,38 +51,39 @@ def _assert_kept(before: dict[int, tuple], after: dict[int, tuple]) -> None:
 
 
 def test_repeated_sigkill_of_the_master_then_resume(tmp_path: Path) -> None:
-    """Three SIGKILLs at random moments (mid-relaxation, mid-commit, ...), then resume to the end.
+    """Three SIGKILLs, each inside a relaxation after a chosen number of commits, then resume to the end.
 
-    The final archive must hold exactly the budget, every evaluation committed before any kill unchanged,
-    and no candidate evaluated twice (each id is logged at most once over all sessions).
+    The gate (tests/gate_calculator.py) holds the run inside the relaxation that follows the chosen commit,
+    so every kill lands with exactly that many evaluations committed and one candidate in flight, however
+    fast or slow the machine. The final archive must hold exactly the budget, every evaluation committed
+    before any kill unchanged, and no candidate evaluated twice (each id is logged at most once).
     """
     budget = 16
-    config = emt_config(tmp_path, evaluations=budget, mode="ga", ga={"population_size": 4})
+    config = emt_config(tmp_path, evaluations=budget, gated=True, mode="ga", ga={"population_size": 4})
     out = tmp_path / "run"
-    rng = random.Random(20261123)
+    gate = Gate(tmp_path / "gate", out)
     snapshots: list[dict[int, tuple]] = []
-    for kill in range(3):
+    for kill, after in enumerate((2, 7, 13)):
         args = ("run", str(config), "--out", str(out)) if kill == 0 else ("resume", str(out))
-        process = globopt_process(*args, cwd=tmp_path)
-        target = len(snapshots[-1]) if snapshots else 0
-        target += rng.randint(1, 3)
+        gate.arm(after)
+        process = globopt_process(*args, cwd=tmp_path, env=gate.env)
         try:
-            wait_for(lambda t=target: len(committed(out)) >= t, timeout=240, what=f"{target} evaluations")
-            # a random extra moment: lands inside a relaxation, a commit, or between them
-            time.sleep(rng.uniform(0.0, 1.0))
+            blocked = gate.wait(process)
         finally:
             process.kill()  # SIGKILL: no handler, no flush, no lock release except by the OS
             output, _ = process.communicate()
         assert process.returncode == -signal.SIGKILL, output
+        assert blocked == {"pid": process.pid, "committed": after}
         snapshot = committed(out)
+        assert len(snapshot) == after, "the kill landed after exactly the chosen commits"
         assert _integrity(out / "archive.sqlite") == "ok"
+        assert _pending(out) == 1, "one candidate was in flight at the kill"
         if snapshots:
             _assert_kept(snapshots[-1], snapshot)
         snapshots.append(snapshot)
-    assert len(snapshots[-1]) < budget, "the run finished before the third kill; the test lost its point"
 
     final = globopt_process("resume", str(out), cwd=tmp_path)
-    output, _ = final.communicate(timeout=600)
+    output, _ = final.communicate(timeout=PATIENCE)
     assert final.returncode == 0, output
     after = committed(out)
     assert len(after) == budget  # the budget is exact across four sessions
@@ -94,6 +101,14 @@ def test_repeated_sigkill_of_the_master_then_resume(tmp_path: Path) -> None:
     rows = read_results(out)
     assert len({r["id"] for r in rows}) == len(rows)
     assert {int(r["id"]) for r in rows if r["status"] not in ("rejected", "duplicate")} == set(after)
+
+
+def _pending(run_dir: Path) -> int:
+    db = sqlite3.connect(f"file:{run_dir / 'archive.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM candidates WHERE status='pending'").fetchone()[0]
+    finally:
+        db.close()
 
 
 def _limit_file_size(limit: int):
@@ -130,30 +145,12 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     _assert_kept(before, after)
 
 
-def _read_only_command(folder: Path, args: list[str]) -> list[str] | None:
-    """A command that sees ``folder`` read-only, or None when this machine cannot arrange that."""
-    command = [sys.executable, "-m", "globopt", *args]
-    if os.geteuid() != 0:
-        return command  # plain permissions suffice (set by the caller)
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return None
-    probe = subprocess.run(
-        [unshare, "-m", "--propagation", "private", "sh", "-c", f"mount --bind -o ro {folder} {folder}"],
-        capture_output=True,
-    )
-    if probe.returncode != 0:
-        return None
-    script = f'mount --bind -o ro "{folder}" "{folder}" && exec "$@"'
-    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", *command]
-
-
 def test_read_only_run_directory_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["run", str(emt_config(tmp_path, evaluations=2)), "--out", str(out)]) == 0
     before = committed(out)
     bigger = emt_config(tmp_path, evaluations=4)
-    command = _read_only_command(out, ["run", str(bigger), "--out", str(out), "--resume"])
+    command = read_only_command(out, ["run", str(bigger), "--out", str(out), "--resume"])
     if command is None:
         pytest.skip("running as root without mount namespaces: cannot make a directory read-only")
     modes = {p: p.stat().st_mode for p in [out, *out.rglob("*")]}
@@ -205,22 +202,29 @@ def test_damaged_stored_config_is_named(tmp_path: Path, capsys) -> None:
 
 
 def test_resume_racing_a_running_resume_is_refused(tmp_path: Path) -> None:
-    """Two `globopt resume` of one directory: the second refuses and names the holder; nothing breaks."""
+    """Two `globopt resume` of one directory: the second refuses and names the holder; nothing breaks.
+
+    The first is held by the gate inside a relaxation, so it is certainly running while the second tries.
+    """
     out = tmp_path / "run"
-    assert main(["run", str(emt_config(tmp_path, evaluations=1)), "--out", str(out)]) == 0
-    longer = emt_config(tmp_path, evaluations=40)
-    first = globopt_process("run", str(longer), "--out", str(out), "--resume", cwd=tmp_path)
+    assert main(["run", str(emt_config(tmp_path, evaluations=1, gated=True)), "--out", str(out)]) == 0
+    longer = emt_config(tmp_path, evaluations=40, gated=True)
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(2)
+    first = globopt_process("run", str(longer), "--out", str(out), "--resume", cwd=tmp_path, env=gate.env)
     try:
-        wait_for(lambda: len(committed(out)) >= 2, timeout=240, what="the first resume to commit")
+        gate.wait(first)
         second = globopt_process("resume", str(out), cwd=tmp_path)
-        output, _ = second.communicate(timeout=240)
+        output, _ = second.communicate(timeout=PATIENCE)
         assert second.returncode == 2, output
         assert f"is being written by pid {first.pid}" in output
         assert first.poll() is None, "the refused second process must not disturb the first"
     finally:
         first.send_signal(signal.SIGTERM)  # graceful stop: in-flight work is re-issued on the next resume
-        first_output, _ = first.communicate(timeout=120)
-    assert first.returncode in (0, 130), first_output
+        first_output, _ = first.communicate(timeout=PATIENCE)
+    assert first.returncode == 130, first_output
+    assert "interrupted" in first_output
     assert _integrity(out / "archive.sqlite") == "ok"
+    assert len(committed(out)) == 2 and _pending(out) == 1
     rows = read_results(out)
     assert len({r["id"] for r in rows}) == len(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import committed, emt_config, globopt_process, read_results, sigkill_after_commits
+from helpers import PATIENCE, Gate, committed, emt_config, globopt_process, read_results, sigkill_at_gate
 
 from globopt.cli import main
 from globopt.config import parse_config
@@ -84,15 +84,23 @@ def test_interrupted_then_resumed_ga_continues_the_same_search(tmp_path: Path) -
 
 
 def test_sigkill_mid_run_resumes_from_the_checkpointed_population(tmp_path: Path) -> None:
-    config = emt_config(tmp_path, name="ga", evaluations=24, mode="ga", ga=GA)
+    config = emt_config(tmp_path, name="ga", evaluations=24, gated=True, mode="ga", ga=GA)
     out = tmp_path / "run"
-    before = sigkill_after_commits(
-        "run", str(config), "--out", str(out), out=out, cwd=tmp_path, count=10, timeout=180
+    before = sigkill_at_gate(
+        "run",
+        str(config),
+        "--out",
+        str(out),
+        out=out,
+        cwd=tmp_path,
+        count=10,
+        gate=Gate(tmp_path / "gate", out),
     )
+    assert len(before) == 10
     population_before = [m["id"] for m in search_state(out)["population"]]
     assert population_before
     resumed = globopt_process("resume", str(out), cwd=tmp_path)
-    output, _ = resumed.communicate(timeout=300)
+    output, _ = resumed.communicate(timeout=PATIENCE)
     assert resumed.returncode == 0, output
     after = committed(out)
     assert len(after) == 24 and {k: after[k] for k in before} == before

@@ -248,6 +248,40 @@ def test_corrupt_or_foreign_checkpoint_gives_a_clear_error(tmp_path: Path, capsy
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_sample_and_train_name_every_bad_argument_and_overwrite_nothing(tmp_path: Path, capsys) -> None:
+    def error(*args: str) -> str:
+        assert main(["generator", *args]) == 2, args
+        return capsys.readouterr().err
+
+    out = tmp_path / "cifs"
+    shipped = "diffusion_carbon24.pt, diffusion_perov5.pt, diffusion_perov5_sc2.pt, wgan_perov5.pt"
+    assert f"one of the shipped checkpoints: {shipped}" in error(
+        "sample", "--checkpoint", "nope", "--composition", "Na4Cl4", "--out", str(out)
+    )
+    sample = ["sample", "--checkpoint", "wgan_perov5.pt", "--composition", "Na1Cl1", "--n", "1"]
+    assert main(["generator", *sample, "--out", str(out)]) == 0
+    assert "element(s) Md (Z=101) cannot be generated" in error(
+        "sample", "--composition", "Na4Md4", "--out", str(tmp_path / "md")
+    )
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert f"--out {a_file} is a file" in error("sample", "--composition", "Na4Cl4", "--out", str(a_file))
+    assert a_file.read_text() == "keep"
+    written = (out / "Na1Cl1_000.cif").read_bytes()
+    message = error("sample", "--checkpoint", "wgan_perov5.pt", "--composition", "Na1Cl1", "--out", str(out))
+    assert "already holds Na1Cl1_000.cif" in message
+    assert (out / "Na1Cl1_000.cif").read_bytes() == written
+    checkpoint = tmp_path / "trained.pt"
+    checkpoint.write_bytes(b"a trained model")
+    message = error("train", "--data", str(tmp_path), "--out", str(checkpoint))
+    assert f"--out {checkpoint} already exists" in message and "--resume" in message
+    assert checkpoint.read_bytes() == b"a trained model"
+    with pytest.raises(ConfigError, match=r"describe elements up to Z=100, not Md"):
+        parse_config({"name": "x", "composition": "Md1O1", "potential": {"kind": "ase",
+                      "calculator": "ase.calculators.emt:EMT"}, "mode": "ga",
+                      "initial_population": {"generator": "default"}})  # fmt: skip
+
+
 def test_initial_population_config_is_validated(tmp_path: Path) -> None:
     base = {"name": "x", "composition": "Ni1Pt1O3", "potential": {"kind": "emt"}}
     with pytest.raises(ConfigError, match=r"initial_population\.generator.*not found"):

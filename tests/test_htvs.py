@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    GATED_EMT,
+    PATIENCE,
+    Gate,
     assert_logged_once_across_a_kill,
     committed,
     globopt_process,
-    sigkill_after_commits,
+    sigkill_at_gate,
     write_config,
 )
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -165,17 +168,88 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys) -> None:
     assert f"{tmp_path}/missing_templates does not exist" in capsys.readouterr().err
 
 
+def test_rules_and_enumerations_that_would_be_ignored_are_named(tmp_path: Path) -> None:
+    b2 = {"templates": [{"prototype": "B2"}], "keep_original": False}
+    unused = _problem(tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": ["Al"], "Xe": ["Au"]}})
+    assert "htvs.substitutions: no template has Xe (the templates hold Cl, Cs)" in unused
+    own = _problem(tmp_path, {"templates": [{"prototype": "B2", "substitutions": {"Na": ["Cu"]}}]})
+    assert "its substitutions name Na, which it does not hold (it holds Cs, Cl)" in own
+    empty = _problem(tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": []}})
+    assert "the substitution rules give no structure" in empty
+    filtered = _problem(
+        tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": ["Au"]}, "charge_neutral": True}
+    )
+    assert "every one of the 1 substitutions is skipped by the filters (1 with no charge-neutral" in filtered
+    early = _problem(tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": ["Au"]}, "stop_after": 2})
+    assert "htvs.stop_after: 2 ends the screen before its first substituted structure" in early
+
+
+def _entries_file(path: Path) -> Path:
+    from monty.serialization import dumpfn
+    from pymatgen.analysis.phase_diagram import PDEntry
+    from pymatgen.core import Composition
+
+    dumpfn([PDEntry(Composition("CuAl"), -0.5)], path)
+    return path
+
+
+def test_a_corrupt_competing_phases_file_is_named_before_and_after_the_screen(tmp_path: Path, capsys) -> None:
+    """Refused by validate; if it goes bad while the screen runs, the run and `report` exit 2 naming it."""
+    phases = tmp_path / "phases.json"
+    phases.write_text('[{"bad": ')
+    screen = {"templates": [{"prototype": "B2"}], "substitutions": {"Cs": ["Cu"], "Cl": ["Al"]},
+              "keep_original": False, "competing_phases": ["phases.json"]}  # fmt: skip
+    config = htvs_config(tmp_path, "phases", screen, potential=GATED_EMT)
+    assert main(["validate", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"competing-phase entries file {phases} cannot be read" in error and "pymatgen entries" in error
+
+    _entries_file(phases)
+    assert main(["validate", str(config)]) == 0
+    out = tmp_path / "run"
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(1)
+    process = globopt_process("run", str(config), "--out", str(out), cwd=tmp_path, env=gate.env)
+    try:
+        gate.wait(process)
+        phases.write_text('[{"bad": ')  # the file goes bad while the screen runs
+        gate.release()
+        output, _ = process.communicate(timeout=PATIENCE)
+    finally:
+        process.kill()
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    assert (
+        f"competing-phase entries file {phases} cannot be read" in output
+        and f"globopt report {out}" in output
+    )
+    assert len(committed(out)) == 3  # Al, Cu and CuAl: every evaluation is kept
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert f"competing-phase entries file {phases}" in capsys.readouterr().err
+    _entries_file(phases)
+    assert main(["report", str(out)]) == 0
+    assert [r["formula"] for r in read_csv(out / "ranked.csv")] == ["AlCu"]
+
+
 # -- a whole screen with EMT: kill mid-screen, resume, nothing lost or repeated ------------------------------
 def test_sigkill_mid_screen_then_resume(tmp_path: Path, capsys) -> None:
-    config = htvs_config(tmp_path, "emt_screen", EMT_SCREEN)
+    config = htvs_config(tmp_path, "emt_screen", EMT_SCREEN, potential=GATED_EMT)
     expected = len(Enumeration(HtvsConfig.model_validate(EMT_SCREEN), None))  # 7 refs + 9 + 6 + 2
     out = tmp_path / "run"
-    before = sigkill_after_commits(
-        "run", str(config), "--out", str(out), out=out, cwd=tmp_path, count=8, timeout=300
+    before = sigkill_at_gate(
+        "run",
+        str(config),
+        "--out",
+        str(out),
+        out=out,
+        cwd=tmp_path,
+        count=8,
+        gate=Gate(tmp_path / "gate", out),
     )
-    assert 8 <= len(before) < expected
+    assert len(before) == 8
     second = globopt_process("resume", str(out), cwd=tmp_path)
-    output, _ = second.communicate(timeout=600)
+    output, _ = second.communicate(timeout=PATIENCE)
     assert second.returncode == 0, output
     after = committed(out)
     assert {k: after[k] for k in before} == before  # committed results untouched

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    PATIENCE,
+    Gate,
     assert_logged_once_across_a_kill,
     committed,
     emt_config,
     globopt_process,
     logged_ids,
     read_results,
+    subprocess_environment,
     wait_for,
     write_config,
 )
@@ -39,7 +43,9 @@ _LAUNCHER_ENV = {"GLOBOPT_MPI", "PMI_SIZE", "PMI_RANK", "PMI_FD", "OMPI_COMM_WOR
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and k != "MPI_LOCALNRANKS"}
+    env = {
+        k: v for k, v in subprocess_environment().items() if k not in _LAUNCHER_ENV and k != "MPI_LOCALNRANKS"
+    }
     return {**env, "OPENBLAS_NUM_THREADS": "1", **extra}
 
 
@@ -271,7 +277,7 @@ def test_three_ranks_run_to_the_end_with_both_workers(tmp_path: Path) -> None:
     process = _mpi_globopt(
         3, "run", str(emt_config(tmp_path, evaluations=6)), "--out", str(out), cwd=tmp_path
     )
-    output = _finish(process, timeout=180)
+    output = _finish(process, timeout=PATIENCE)
     assert process.returncode == 0, output
     assert len(committed(out)) == 6
     workers = {r["worker"] for r in _evaluated(out)}
@@ -282,34 +288,39 @@ def test_three_ranks_run_to_the_end_with_both_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.mpi
-def test_bad_config_exits_2_promptly_and_releases_the_workers(tmp_path: Path) -> None:
+def test_bad_config_exits_2_and_releases_the_workers(tmp_path: Path) -> None:
+    """Rank 0 refuses the config before any work; the worker ranks are released, so the job ends (a job
+    whose workers were left waiting would hang until the safety timeout)."""
     bad = write_config(tmp_path, name="bad", composition="Cu2Xx2", potential={"kind": "emt"}, bogus=1)
-    started = time.monotonic()
     process = _mpi_globopt(3, "run", str(bad), "--out", str(tmp_path / "run"), cwd=tmp_path)
-    output = _finish(process, timeout=90)
+    output = _finish(process, timeout=PATIENCE)
     assert process.returncode == 2, output
     assert "unknown key 'bogus'" in output and "not a chemical element symbol" in output
-    assert time.monotonic() - started < 60
+    assert not (tmp_path / "run").exists(), "a refused config leaves no run directory"
 
 
 @pytest.mark.mpi
 def test_a_killed_worker_rank_is_survived(tmp_path: Path) -> None:
+    """A worker rank SIGKILLed inside a relaxation (held there by the gate): declared dead after the
+    heartbeat timeout, its candidate re-issued, the surviving rank completes the budget."""
     import psutil
 
     _require_mpiexec(hydra=True)
     out = tmp_path / "run"
-    config = emt_config(tmp_path, evaluations=8)
+    config = emt_config(tmp_path, evaluations=8, gated=True)
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(1)
     process = _mpi_globopt(
         3, "run", str(config), "--out", str(out), cwd=tmp_path, flags=("-disable-auto-cleanup",),
-        GLOBOPT_MPI_HEARTBEAT_TIMEOUT="5",
+        GLOBOPT_MPI_HEARTBEAT_TIMEOUT="5", **gate.env,
     )  # fmt: skip
     try:
-        wait_for(lambda: out.joinpath("results.csv").exists() and _evaluated(out), 120, "a first evaluation")
-        label = _evaluated(out)[0]["worker"]
-        victim = psutil.Process(int(label.split(":")[1]))
+        victim = psutil.Process(gate.wait(process)["pid"])
         assert victim in psutil.Process(process.pid).children(recursive=True)
+        label = f"{socket.gethostname()}:{victim.pid}"
         victim.kill()
-        output = _finish(process, timeout=180)
+        gate.release()
+        output = _finish(process, timeout=PATIENCE)
     finally:
         _kill_tree(process.pid)
     assert process.returncode == 0, output
@@ -324,13 +335,16 @@ def test_sigkilled_rank0_resumes_serially_and_under_mpi(tmp_path: Path) -> None:
     import psutil
 
     out = tmp_path / "run"
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(2)  # a worker rank holds its third candidate: the run cannot end before the kill
     process = _mpi_globopt(
-        3, "run", str(emt_config(tmp_path, evaluations=6)), "--out", str(out), cwd=tmp_path
-    )
+        3, "run", str(emt_config(tmp_path, evaluations=6, gated=True)), "--out", str(out), cwd=tmp_path,
+        **gate.env,
+    )  # fmt: skip
     try:
-        wait_for(lambda: len(committed(out)) >= 2, 120, "two committed evaluations")
+        gate.wait(process)
         psutil.Process(_rank0_pid(out)).kill()  # hydra then kills every rank
-        output = _finish(process, timeout=60)
+        output = _finish(process, timeout=PATIENCE)
     finally:
         _kill_tree(process.pid)
     assert process.returncode != 0, output
@@ -338,14 +352,14 @@ def test_sigkilled_rank0_resumes_serially_and_under_mpi(tmp_path: Path) -> None:
     assert 2 <= len(before) < 6
 
     serial = globopt_process("resume", str(out), cwd=tmp_path, env={"OPENBLAS_NUM_THREADS": "1"})
-    output, _ = serial.communicate(timeout=180)
+    output, _ = serial.communicate(timeout=PATIENCE)
     assert serial.returncode == 0, output
     middle = committed(out)
     assert len(middle) == 6 and {k: middle[k] for k in before} == before
 
-    bigger = emt_config(tmp_path, evaluations=8)
+    bigger = emt_config(tmp_path, evaluations=8, gated=True)
     process = _mpi_globopt(2, "run", str(bigger), "--out", str(out), "--resume", cwd=tmp_path)
-    output = _finish(process, timeout=180)
+    output = _finish(process, timeout=PATIENCE)
     assert process.returncode == 0, output
     after = committed(out)
     assert len(after) == 8 and {k: after[k] for k in middle} == middle
@@ -363,7 +377,7 @@ def test_m3gnet_on_three_ranks(tmp_path: Path, models_dir: Path) -> None:
     process = _mpi_globopt(
         3, "run", str(config), "--out", str(out), cwd=tmp_path, GLOBOPT_MODELS=str(models_dir)
     )
-    output = _finish(process, timeout=300)
+    output = _finish(process, timeout=PATIENCE)
     assert process.returncode == 0, output
     rows = _evaluated(out)
     assert len(rows) == 4 and len({r["worker"] for r in rows}) == 2

@@ -115,6 +115,7 @@ class Enumeration:
         templates = load_templates(config.templates, config.max_atoms)
         templates = templates + self._partial_templates(templates)
         self.template_blocks = [self._template_block(t) for t in templates]
+        self._check_rules_name_template_species(templates)
         competing, self.competing_entries_files = _competing_structures(config.competing_phases)
         self.competing_block = FixedBlock("competing", competing)
         elements = set().union(*(b.elements() for b in self.template_blocks))
@@ -145,6 +146,62 @@ class Enumeration:
             self.competing_block,
             *self.template_blocks,
         ]
+
+    def _check_rules_name_template_species(self, templates: list[Template]) -> None:
+        """A substitution rule for a species no template has would be ignored without a word: refuse it."""
+        species = {sp for t in templates for sp in t.species}
+        unused = sorted(set(self.config.substitutions) - species)
+        if unused and templates:
+            raise EnumerationError(
+                f"htvs.substitutions: no template has {', '.join(unused)} (the templates hold "
+                f"{', '.join(sorted(species))}); rules apply to a template's species, so remove those rules "
+                f"or fix the element"
+            )
+        for template in templates:
+            own = sorted(set(template.substitutions or {}) - set(template.species))
+            if own:
+                raise EnumerationError(
+                    f"template {template.name}: its substitutions name {', '.join(own)}, which it does not "
+                    f"hold (it holds {', '.join(template.species)}); remove those rules or fix the element"
+                )
+
+    def check_yields_candidates(self, stop_after: int | None = None) -> None:
+        """Raise EnumerationError when the screen would propose no substituted structure at all.
+
+        Such a screen relaxes its references and ends with an empty ranked.csv, which reads as "nothing
+        is stable" rather than "nothing was screened". The structures are scanned up to the first one
+        that passes the filters (usually the first).
+        """
+        fixed = len(self.reference_block) + len(self.competing_block)
+        if not self.template_blocks:
+            raise EnumerationError(
+                "no template structure was loaded (check htvs.templates and htvs.max_atoms)"
+            )
+        if self.n_substitutions() == 0:
+            raise EnumerationError(
+                "the substitution rules give no structure: with keep_original: false every template species "
+                "needs a rule in htvs.substitutions (or the template's own substitutions)"
+            )
+        if stop_after is not None and stop_after <= fixed:
+            raise EnumerationError(
+                f"htvs.stop_after: {stop_after} ends the screen before its first substituted structure "
+                f"({len(self.reference_block)} elemental references and {len(self.competing_block)} "
+                f"competing phases come first); raise it above {fixed}"
+            )
+        reasons: dict[str, int] = {}
+        for block_index, block in enumerate(self.blocks):
+            if not isinstance(block, TemplateBlock):
+                continue
+            for index in range(len(block)):
+                item = self.item(block_index, index)
+                if item.structure is not None:
+                    return
+                reasons[item.skipped] = reasons.get(item.skipped, 0) + 1
+        summary = ", ".join(f"{n} with {reason}" for reason, n in sorted(reasons.items()))
+        raise EnumerationError(
+            f"every one of the {self.n_substitutions()} substitutions is skipped by the filters ({summary}); "
+            f"loosen them (e.g. htvs.charge_neutral: false) or change the rules"
+        )
 
     def _partial_templates(self, templates: list[Template]) -> list[Template]:
         extra = []
@@ -188,6 +245,12 @@ def _competing_structures(paths: Sequence[str]) -> tuple[list[tuple[str, Structu
         if path.suffix.lower() == ".json":
             if not path.is_file():
                 raise TemplateError(f"competing-phase entries file {path} does not exist")
+            from globopt.htvs.hull import load_entries
+
+            try:
+                load_entries(path)
+            except ValueError as exc:
+                raise TemplateError(str(exc)) from None
             entry_files.append(path)
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in STRUCTURE_SUFFIXES)

@@ -86,7 +86,7 @@ class StabilityAnalysis:
             self.candidates.append(candidate)
             by_id[candidate.id] = candidate
         for path in entries_files:
-            self.entries.extend(_load_entries(path))
+            self.entries.extend(load_entries(path))
         self._place_on_hulls(by_id)
 
     def _place_on_hulls(self, by_id: dict[int, ScreenedCandidate]) -> None:
@@ -136,19 +136,35 @@ class StabilityAnalysis:
         return sorted({c.chemsys for c in self.candidates if c.e_above_hull is not None})
 
 
-def _load_entries(path: Path) -> list[PDEntry]:
-    """Entries (pymatgen ComputedEntry / PDEntry dicts, as a list or under 'entries') from a JSON file."""
+def load_entries(path: Path) -> list[PDEntry]:
+    """Entries (pymatgen ComputedEntry / PDEntry dicts, as a list or under 'entries') from a JSON file.
+
+    Every failure is a ValueError naming the file and what was expected: the file is read when the config
+    is validated, so a screen never runs to its end and then fails to rank.
+    """
     from monty.serialization import loadfn
 
-    data = loadfn(path)
+    expected = "a JSON list of pymatgen entries (ComputedEntry or PDEntry .as_dict()), or {'entries': [...]}"
+    try:
+        data = loadfn(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ValueError(
+            f"competing-phase entries file {path} cannot be read ({detail}); expected {expected}"
+        ) from None
     if isinstance(data, dict) and "entries" in data:
         data = data["entries"]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of pymatgen entries")
+        raise ValueError(
+            f"competing-phase entries file {path}: expected {expected}, found a {type(data).__name__}"
+        )
     entries = []
-    for item in data:
+    for index, item in enumerate(data):
         if not hasattr(item, "composition") or not hasattr(item, "energy"):
-            raise ValueError(f"{path}: {item!r} is not a pymatgen entry (needs composition and energy)")
+            raise ValueError(
+                f"competing-phase entries file {path}: item {index} ({str(item)[:80]}) is not a pymatgen "
+                f"entry (needs composition and energy); expected {expected}"
+            )
         entries.append(
             PDEntry(item.composition, item.energy, name=f"{item.composition.reduced_formula} ({path.name})")
         )

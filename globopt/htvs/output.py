@@ -53,12 +53,20 @@ class ScreenOutputs(CommitObserver):
         # a failure here must not hide the run's own outcome: the archive holds everything
         try:
             write_screen_outputs(self.run_path, archive, self.config)
-        except Exception:
-            log.exception("could not write the htvs outputs; `globopt report %s` retries", self.run_path)
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, OSError | ValueError) else f"{type(exc).__name__}: {exc}"
+            self.failure = (
+                f"could not write the screen's ranked.csv, stable/ and hull/ ({detail}); every evaluation is "
+                f"in the archive: fix the cause and run `globopt report {self.run_path}` to write them"
+            )
+            log.error("%s", self.failure)
+            log.debug("the screen outputs failed here", exc_info=True)
 
 
 def write_screen_outputs(run_path: Path, archive: Archive, config) -> list[Path]:
-    """Write ranked.csv, stable/ and hull/ into the run directory; return the files written."""
+    """Write ranked.csv, stable/ and hull/ into ``run_path`` (the run directory, or a report's folder);
+    return the files written. A competing-phase entries file that cannot be read is a ValueError naming
+    it."""
     entries_files = [Path(p) for p in config.htvs.competing_phases if p.lower().endswith(".json")]
     analysis = StabilityAnalysis(archive, entries_files)
     threshold = config.htvs.stable_threshold
