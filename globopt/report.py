@@ -42,6 +42,10 @@ def status_text(path: Path, n_best: int = 5) -> str:
             from globopt.htvs.output import screen_status_lines
 
             return "\n".join(lines + screen_status_lines(archive, config, n_best))
+        if config.chemical_system is not None:  # stability across compositions, not energy per atom
+            from globopt.hull.output import hull_status_lines
+
+            return "\n".join(lines + hull_status_lines(archive, config))
         best = archive.best_unique(n_best)
         if best:
             lines.append("best unique structures (enthalpy per atom):")
@@ -129,6 +133,10 @@ def _screen_outputs(path: Path, archive: Archive) -> list[Path]:
     from globopt.config import load_config
 
     config = load_config(path / "config.yaml")
+    if config.chemical_system is not None:
+        from globopt.hull.output import write_hull_outputs
+
+        return write_hull_outputs(path, archive, config)
     if config.mode != "htvs":
         return []
     from globopt.htvs.output import write_screen_outputs
