@@ -52,7 +52,7 @@ SYSTEMS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
         ("TiAl B2", "AB_cP2_221_b_a", {"Cs": "Ti", "Cl": "Al"}),
         ("Ti3Al L1_2", "AB3_cP4_221_a_c", {"Cu": "Ti", "Au": "Al"}),
         ("Ti2Al C11b", "AB2_tI6_139_a_e", {"Mo": "Al", "Si": "Ti"}),
-        ("TiAl2 CdPt3", "AB3_oC8_65_a_bf", {"Cd": "Ti", "Pt": "Al"}),
+        ("TiAl3 CdPt3", "AB3_oC8_65_a_bf", {"Cd": "Ti", "Pt": "Al"}),
     ],
     "Cu-Au": [
         ("CuAu L1_0", "AB_tP2_123_a_d", {"Cu": "Cu", "Au": "Au"}),
@@ -155,12 +155,15 @@ def reference_hull(system: str, potential_name: str, max_atoms: int) -> dict:
 
 
 def stable_phases(reference: dict, tolerance: float = 1e-6) -> list[dict]:
-    """The reference's compounds (two elements) on its hull."""
-    return [
-        p
-        for p in reference["phases"]
-        if p["e_above_hull"] <= tolerance and len(Composition(p["formula"]).elements) > 1
-    ]
+    """The reference's compounds (two elements) on its hull, the lowest one per composition (two prototypes
+    that relax into the same structure, like L1_0 and B2 AlNi, tie)."""
+    lowest: dict[str, dict] = {}
+    for p in reference["phases"]:
+        if p["e_above_hull"] > tolerance or len(Composition(p["formula"]).elements) < 2:
+            continue
+        if p["formula"] not in lowest or p["energy_per_atom"] < lowest[p["formula"]]["energy_per_atom"]:
+            lowest[p["formula"]] = p
+    return list(lowest.values())
 
 
 def main() -> None:

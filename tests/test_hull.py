@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -325,3 +326,54 @@ def test_bad_input_exits_with_code_2(tmp_path: Path, capsys) -> None:
     assert main(["validate", str(plain)]) == 2
     err = capsys.readouterr().err
     assert "atoms: only used with chemical_system" in err
+
+
+# -- the run's other settings: process pool, MPI, surrogate -----------------------------------------------
+def _small(folder: Path, name: str, **extra) -> Path:
+    fields = {**CUAU, "atoms": [1, 4], "budget": {"evaluations": 16}, "ga": {"population_size": 6}, **extra}
+    return write_config(folder, name=name, **fields)
+
+
+def _stable(run: Path) -> set[str]:
+    return {r["composition"] for r in read_csv(run / "hull.csv") if r["stable"] == "1"}
+
+
+def test_process_pool_run_writes_the_hull(tmp_path: Path) -> None:
+    assert main(["run", str(_small(tmp_path, "pool", workers=2)), "--out", str(tmp_path / "run")]) == 0
+    assert {"Cu", "Au"} <= _stable(tmp_path / "run")
+    rows = read_csv(tmp_path / "run" / "results.csv")
+    assert len({r["worker"] for r in rows if r["worker"]}) == 2
+
+
+def test_surrogate_learns_formation_enthalpies_and_ranks_by_hull_distance(tmp_path: Path) -> None:
+    from surrogates.acquisition import FormationReferences
+
+    references = FormationReferences(["Cu", "Au"])
+    references.observe("Cu3Au", -0.01)  # a compound teaches no elemental energy
+    references.observe("Cu", -0.007)
+    assert not references.complete
+    references.observe("Au", 0.0)
+    references.observe("Cu", -0.5)  # the first relaxed structure of an element stays its reference
+    assert references.shift("CuAu") == pytest.approx(-0.0035)
+    config = _small(tmp_path, "sur", surrogate={"enabled": True, "min_points": 4, "candidates_per_slot": 3})
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    db = sqlite3.connect(tmp_path / "run" / "archive.sqlite")
+    statuses = {s for (s,) in db.execute("SELECT status FROM candidates")}
+    db.close()
+    assert "skipped" in statuses  # the GP ranked proposals once it had learned enough
+    assert {"Cu", "Au"} <= _stable(tmp_path / "run")
+
+
+@pytest.mark.mpi
+def test_mpi_run_builds_random_structures_on_workers(tmp_path: Path) -> None:
+    from test_mpi import _finish, _mpi_globopt
+
+    config = _small(tmp_path, "mpi", budget={"evaluations": 20})
+    out = tmp_path / "run"
+    process = _mpi_globopt(3, "run", str(config), "--out", str(out), cwd=tmp_path)
+    output = _finish(process, timeout=300)
+    assert process.returncode == 0, output
+    built = re.search(r"random structures built here (\d+), on workers (\d+)", output)
+    assert built and int(built.group(2)) > 0, output
+    assert {"Cu", "Au"} <= _stable(out)
+    assert len(read_csv(out / "hull.csv")) >= 4
