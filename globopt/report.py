@@ -113,7 +113,7 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
                 "",
             ]
         text += ["![convergence and energy distribution](convergence.png)", ""]
-        text += best_candidates_table(archive, n_best=10)
+        text += _stable_phases(path, archive) or best_candidates_table(archive, n_best=10)
         text += origin_table(evaluated)
         screen_files = _screen_outputs(path, archive)
         hull_plots = [f for f in screen_files if f.suffix == ".png"]
@@ -126,6 +126,18 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
         return files
     finally:
         archive.close()
+
+
+def _stable_phases(path: Path, archive: Archive) -> list[str]:
+    """A chemical system's stable phases (its lowest enthalpies per atom would mean nothing)."""
+    from globopt.config import load_config
+
+    config = load_config(path / "config.yaml")
+    if config.chemical_system is None:
+        return []
+    from globopt.hull.output import hull_report_lines
+
+    return hull_report_lines(archive, config)
 
 
 def _screen_outputs(path: Path, archive: Archive) -> list[Path]:

@@ -86,7 +86,7 @@ def test_reference_hull_is_the_textbook_one_under_emt(reference: PhaseDiagram) -
 @pytest.fixture(scope="module")
 def cuau_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hull")
-    config = write_config(folder, name="cuau_hull", budget={"evaluations": 200}, **CUAU)
+    config = write_config(folder, name="cuau_hull", budget={"evaluations": 120}, **CUAU)
     assert main(["run", str(config), "--out", str(folder / "run")]) == 0
     return folder / "run"
 
@@ -112,7 +112,7 @@ def test_run_finds_the_emt_hull_of_cu_au(cuau_run: Path, reference: PhaseDiagram
     for row in rows:
         composition = Composition(row["composition"])
         above = float(row["enthalpy_per_atom"]) - run_hull.get_hull_energy_per_atom(composition)
-        assert float(row["e_above_hull"]) == pytest.approx(max(above, 0.0), abs=1e-6)
+        assert float(row["e_above_hull"]) == pytest.approx(max(above, 0.0), abs=3e-6)
     cifs = {p.name.rsplit("_id", 1)[-1] for p in (cuau_run / "stable").glob("*.cif")}
     assert {f"{r['id']}.cif" for r in rows if r["stable"] == "1"} <= cifs
     assert (cuau_run / "hull.png").stat().st_size > 1000
@@ -148,7 +148,7 @@ def test_status_and_report_show_the_hull(cuau_run: Path, capsys) -> None:
 def _killing_config(folder: Path, name: str) -> Path:
     return write_config(
         folder, name=name, mode="ga", chemical_system=["Cu", "Au"], atoms=[1, 6], seed=5,
-        potential={"kind": "ase", "calculator": "hull_calculators:KillingEMT"}, budget={"evaluations": 40},
+        potential={"kind": "ase", "calculator": "hull_calculators:KillingEMT"}, budget={"evaluations": 28},
         ga={"population_size": 8},
     )  # fmt: skip
 
@@ -167,16 +167,16 @@ def test_killed_and_resumed_run_ends_with_the_same_hull(tmp_path: Path) -> None:
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     split = tmp_path / "split"
-    # the calculator kills the process at its 1500th potential call: in the middle of a relaxation
+    # the calculator kills the process at its 1000th potential call: in the middle of a relaxation
     process = globopt_process("run", str(_killing_config(tmp_path, "split")), "--out", str(split),
-                              cwd=tmp_path, env={**env, "GLOBOPT_TEST_KILL_AT": "1500"})  # fmt: skip
+                              cwd=tmp_path, env={**env, "GLOBOPT_TEST_KILL_AT": "1000"})  # fmt: skip
     output, _ = process.communicate(timeout=600)
     assert process.returncode == -9, output
     db = sqlite3.connect(split / "archive.sqlite")
     done = db.execute("SELECT COUNT(*) FROM candidates WHERE status='relaxed'").fetchone()[0]
     pending = db.execute("SELECT COUNT(*) FROM candidates WHERE status='pending'").fetchone()[0]
     db.close()
-    assert 5 < done < 35 and pending == 1
+    assert 5 < done < 25 and pending == 1
     process = globopt_process("resume", str(split), cwd=tmp_path, env=env)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pymatgen.core import Composition
+
 from globopt.archive import Archive
 from globopt.candidate import Evaluation, Status
 from globopt.hull.analysis import HullAnalysis, HullPoint
@@ -78,6 +80,12 @@ class HullOutputs(CommitObserver):
 
     def run_finished(self, archive: Archive, interrupted: bool) -> None:
         self._write(archive, plots=True)
+        stable = self._stable_formulas()
+        if stable:
+            log.info(
+                "hull: %d stable phases (%s); see %s and %s",
+                len(stable), " ".join(stable), self.run_path / "hull.csv", self.run_path / "stable",
+            )  # fmt: skip
 
     def _write(self, archive: Archive, plots: bool) -> None:
         # a failure here must not hide the run's own outcome: the archive holds everything
@@ -158,16 +166,14 @@ def write_hull_plot(path: Path, analysis: HullAnalysis) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from globopt.htvs.output import _binary_plot, _ternary_plot
+    from globopt.htvs.output import _ternary_plot
 
     elements = analysis.elements
     if len(elements) > 3:
         return None
     try:
         if len(elements) == 2:
-            for entry in analysis.diagram.all_entries:  # label the stable phases by formula
-                entry.name = entry.composition.reduced_formula
-            _binary_plot(analysis.diagram, elements, path)
+            _binary_plot(analysis, path)
         else:
             _ternary_plot(analysis.diagram, path)
     except Exception as exc:  # a plot is a convenience: never lose hull.csv over it
@@ -176,12 +182,48 @@ def write_hull_plot(path: Path, analysis: HullAnalysis) -> Path | None:
     return path
 
 
+def _binary_plot(analysis: HullAnalysis, path: Path) -> None:
+    """Formation enthalpy against the second element's fraction, zoomed on the hull: a search relaxes many
+    structures far above it, which would otherwise squash the hull into a line (EMT's Cu-Au hull is 0.01
+    eV/atom deep, its random structures lie up to 0.4 above)."""
+    import matplotlib.pyplot as plt
+
+    first, second = analysis.elements
+    deepest = min(p.formation_energy_per_atom for p in analysis.points)
+    window = max(0.05, 0.5 * abs(deepest))
+    shown = [p for p in analysis.points if p.e_above_hull <= window]
+    x_of = {p.composition: Composition(p.composition).get_atomic_fraction(second) for p in analysis.points}
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    stable = sorted(analysis.stable, key=lambda p: x_of[p.composition])
+    ax.plot([x_of[p.composition] for p in stable], [p.formation_energy_per_atom for p in stable], "-",
+            color="C3", lw=1.2, label="convex hull")  # fmt: skip
+    above = [p for p in shown if not p.stable]
+    ax.scatter([x_of[p.composition] for p in above], [p.formation_energy_per_atom for p in above], s=16,
+               color="C0", alpha=0.6, label=f"within {window:.2f} eV/atom of the hull")  # fmt: skip
+    ax.scatter([x_of[p.composition] for p in stable], [p.formation_energy_per_atom for p in stable], s=34,
+               color="C3", zorder=3, label="stable")  # fmt: skip
+    for p in stable:
+        if 0 < x_of[p.composition] < 1:
+            ax.annotate(p.composition, (x_of[p.composition], p.formation_energy_per_atom), fontsize=7,
+                        xytext=(2, -11), textcoords="offset points")  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel(f"x in {first}(1-x){second}(x)")
+    ax.set_ylabel("formation enthalpy (eV/atom)")
+    hidden = len(analysis.points) - len(shown)
+    ax.set_title(
+        f"{first}-{second}: {len(analysis.points)} structures"
+        + (f", {hidden} above the window" if hidden else "")
+    )
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def hull_status_lines(archive: Archive, config: Any) -> list[str]:
     """`globopt status` of a variable-composition run: the stable set so far."""
     analysis = HullAnalysis(archive, config.chemical_system, given_entries(config))
     tried = {r.formula for r in archive.used_potential()}
-    from pymatgen.core import Composition
-
     compositions = {Composition(f).reduced_formula for f in tried}
     lines = [f"compositions relaxed: {len(compositions)}"]
     if analysis.diagram is None:
@@ -199,3 +241,30 @@ def hull_status_lines(archive: Archive, config: Any) -> list[str]:
             f"{p.n_atoms:3d} atoms  {source}"
         )
     return lines
+
+
+def hull_report_lines(archive: Archive, config: Any) -> list[str]:
+    """The report's markdown table of the stable phases (instead of the lowest enthalpies per atom)."""
+    analysis = HullAnalysis(archive, config.chemical_system, given_entries(config))
+    if analysis.diagram is None:
+        return []
+    lines = [
+        "## Stable phases",
+        "",
+        "| composition | formation enthalpy (eV/atom) | space group | atoms | id | origin |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in analysis.stable:
+        candidate = "" if p.candidate_id is None else p.candidate_id
+        lines.append(
+            f"| {p.composition} | {p.formation_energy_per_atom:.4f} | {p.spacegroup or '?'} | {p.n_atoms} "
+            f"| {candidate} | {p.origin} |"
+        )
+    threshold = config.hull.stable_threshold
+    near = len([p for p in analysis.near(threshold) if not p.stable])
+    return [
+        *lines,
+        "",
+        f"{near} more structures within {threshold:g} eV/atom of the hull: hull.csv, stable/",
+        "",
+    ]

@@ -35,6 +35,7 @@ from pymatgen.core import Structure
 from globopt.candidate import Evaluation, Proposal, Screening, Status
 from globopt.geometry import geometry_problem
 from globopt.hull.space import CompositionSpace, Counts
+from globopt.hull.starts import entries_fingerprint
 from globopt.hull.tracker import HullTracker
 from globopt.search.base import SearchExhausted
 from globopt.search.random_stream import GeneratedStructure, RandomRecipe, RandomStream
@@ -269,6 +270,7 @@ class CompositionSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "given": entries_fingerprint(self.tracker.given),
             "rng": self.rng.bit_generator.state,
             "starts_proposed": self.starts_proposed,
             "visits": self.chooser.visits,
@@ -277,6 +279,11 @@ class CompositionSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("given") != entries_fingerprint(self.tracker.given):
+            raise SearchExhausted(
+                "the entries of the hull.competing_phases JSON files changed since this run started (the "
+                "hull the search steered by would change under it); restore them or start a new run (--out)"
+            )
         self.rng.bit_generator.state = state["rng"]
         self.starts_proposed = int(state["starts_proposed"])
         self.chooser.visits = {f: int(n) for f, n in state["visits"].items()}
