@@ -377,3 +377,18 @@ def test_mpi_run_builds_random_structures_on_workers(tmp_path: Path) -> None:
     assert built and int(built.group(2)) > 0, output
     assert {"Cu", "Au"} <= _stable(out)
     assert len(read_csv(out / "hull.csv")) >= 4
+
+
+def test_generator_seeds_the_compositions_it_covers() -> None:
+    """The shipped Perov-5 diffusion model (cells of up to 5 atoms; Cu and Au among its elements) seeds the
+    compounds of up to 5 atoms; sampling itself is tested in test_generators.py."""
+    seeded = {"generator": "diffusion_perov5.pt", "fraction": 0.5, "sampling_steps": 50}
+    config = parse_config({"name": "g", **CUAU, "atoms": [1, 8], "initial_population": seeded,
+                           "ga": {"population_size": 4, "initial_random": 4}})  # fmt: skip
+    search = make_search(config)
+    contents = search.seeder.contents
+    assert contents and all(sum(c.values()) <= 5 and len(c) == 2 for c in contents)
+    assert len(contents) == sum(1 for c in search.space.contents if 2 <= sum(c) <= 5 and min(c) > 0)
+    assert search.seeder.wanted == 2
+    starts = [search.propose().origin for _ in range(2)]
+    assert starts == ["reference:Cu", "reference:Au"]  # the references come before any seed

@@ -247,6 +247,12 @@ def _generator_seeds(initial_population, first_generation: int, space: Compositi
         for c in space.contents
         if set(space.content_dict(c)) <= vocabulary and sum(c) <= largest
     ]
+    # seeds go to compounds (the elemental references cover the end points), in a seeded random order:
+    # the seeder takes contents in turn, and the space lists them by size
+    compounds = [c for c in covered if len(c) > 1]
+    covered = compounds or covered
+    order = np.random.default_rng([seed, len(covered)]).permutation(len(covered))
+    covered = [covered[i] for i in order]
     log = logging.getLogger("globopt.generators")
     if not covered:
         log.warning(
