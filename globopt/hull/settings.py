@@ -162,13 +162,15 @@ def check_variable_composition(config: Any) -> None:
             "budget.target_enthalpy_per_atom: compares enthalpies per atom, which across the compositions "
             "of a chemical system says nothing about stability; remove it"
         )
+    # independent problems are reported together, each starting with its key
+    problems = []
     from surrogates.potentials import covered_elements
 
     covered = covered_elements(config.potential.kind, config.potential.model)
     if covered is not None:
         missing = [el for el in system if el not in covered]
         if missing:
-            raise ValueError(
+            problems.append(
                 f"chemical_system: element(s) {', '.join(missing)} not covered by the potential "
                 f"(potential.kind={config.potential.kind}, model={config.potential.model}); "
                 f"it covers: {' '.join(sorted(covered))}"
@@ -178,12 +180,13 @@ def check_variable_composition(config: Any) -> None:
     try:
         space = space_from_config(config)
     except SpaceError as exc:
-        raise ValueError(str(exc)) from None
+        problems.append(str(exc))
+        space = None
     settings = config.hull
-    if not settings.elemental_references:
+    if space is not None and not settings.elemental_references:
         missing = [el for el in system if not space.allows_element(el)]
         if missing and not settings.competing_phases:
-            raise ValueError(
+            problems.append(
                 f"hull.elemental_references: false leaves no end point for {', '.join(missing)} (the bounds "
                 f"exclude cells of the pure element and no competing phase is given); keep it true"
             )
@@ -192,7 +195,9 @@ def check_variable_composition(config: Any) -> None:
     try:
         fixed_starts(config)
     except StartError as exc:
-        raise ValueError(str(exc)) from None
+        problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _composition_operators_need_a_system(config: Any) -> None:

@@ -74,16 +74,17 @@ class CompositionSpace:
             if wanted is not None and self._reduced(counts) not in wanted:
                 continue
             contents.append(counts)
+        span = f"{low}" if low == high else f"{low}-{high}"
         if wanted is not None:
             lost = sorted(wanted - {self._reduced(c) for c in contents})
             if lost:
                 raise SpaceError(
-                    f"hull.compositions: {', '.join(lost)} has no cell of {low}-{high} atoms within "
+                    f"hull.compositions: {', '.join(lost)} has no cell of {span} atoms within "
                     f"hull.element_counts"
                 )
         if not contents:
             raise SpaceError(
-                f"atoms: no cell content of {low}-{high} atoms of {'-'.join(self.elements)} satisfies "
+                f"atoms: no cell content of {span} atoms of {'-'.join(self.elements)} satisfies "
                 f"hull.element_counts"
             )
         if len(contents) > MAX_CONTENTS:
