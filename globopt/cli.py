@@ -222,7 +222,7 @@ def _execute(run, config, verbose: bool) -> int:
 
 def _log_summary(summary, run) -> None:
     """The end of a session: the best structure (once), this session's time, the evaluations committed."""
-    if summary.best_id is not None:
+    if summary.best_id is not None and run.best_path.is_dir():  # a chemical system writes stable/ instead
         log.info(
             "best: %.4f eV/atom %s (candidate %d); structures in %s",
             summary.best_enthalpy_per_atom, summary.best_spacegroup or "", summary.best_id, run.best_path,

@@ -26,6 +26,16 @@ from pydantic_core import PydanticCustomError
 from globopt.composition import MAX_ATOMS, cell_contents, formula_string, is_reduced, parse_composition
 from globopt.config_section import Section
 from globopt.htvs.settings import HtvsConfig, resolve_paths
+from globopt.hull.settings import (
+    VARIABLE_COMPOSITION_OPERATORS,
+    HullConfig,
+    check_atoms,
+    check_variable_composition,
+    parse_atoms,
+    parse_chemical_system,
+    resolve_hull_paths,
+)
+from globopt.search.composition_operators import COMPOSITION_OPERATORS
 from globopt.search.operators import OPERATORS
 from surrogates.m3gnet import DEFAULT_MODEL
 
@@ -249,9 +259,11 @@ class GAConfig(_Section):
     @field_validator("operators")
     @classmethod
     def _known_operators(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(OPERATORS))
+        # composition-changing operators (search/composition_operators.py) need chemical_system
+        known = (*OPERATORS, *COMPOSITION_OPERATORS)
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"unknown operator(s) {', '.join(unknown)}; allowed: {', '.join(OPERATORS)}")
+            raise ValueError(f"unknown operator(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
         if any(p < 0 for p in value.values()) or sum(value.values()) <= 0:
             raise ValueError("operator probabilities must be >= 0 with a positive sum")
         return value
@@ -384,6 +396,13 @@ class RunConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; output goes to runs/<name>"
     )
     mode: Literal["random", "ga", "pso", "htvs"] = Field("random", description="search algorithm")
+    # before composition: whether a composition is required depends on it
+    chemical_system: list[str] | None = Field(
+        None, description="search every composition of these elements (the convex hull); docs/hull.md"
+    )
+    atoms: tuple[int, int] | None = Field(
+        None, description="atoms per cell with chemical_system: n or [low, high]"
+    )
     composition: dict[str, int] | None = Field(
         None, description="formula string (Na4Cl4) or mapping {Na: 4, Cl: 4}; not used by mode htvs"
     )
@@ -408,15 +427,44 @@ class RunConfig(_Section):
         default_factory=InitialPopulationConfig, description="seed GA/PSO with a generative model"
     )
     htvs: HtvsConfig | None = Field(None, description="screening of substituted templates (mode: htvs)")
+    hull: HullConfig | None = Field(None, description="variable-composition search (with chemical_system)")
 
     @field_validator("composition", mode="before")
     @classmethod
     def _parse_composition(cls, value: Any, info: ValidationInfo) -> dict[str, int] | None:
         if value is None:
-            if info.data.get("mode") != "htvs":  # a screen enumerates its compositions; a search needs one
+            if "chemical_system" not in info.data:
+                return None  # chemical_system itself is wrong: that is the error to report
+            if info.data.get("mode") != "htvs" and info.data["chemical_system"] is None:
+                # a screen enumerates its compositions, a chemical-system search chooses them
                 raise PydanticCustomError("missing", "Field required")
             return None
         return parse_composition(value)
+
+    @field_validator("chemical_system", mode="before")
+    @classmethod
+    def _parse_chemical_system(cls, value: Any) -> Any:
+        return None if value is None else parse_chemical_system(value)
+
+    @field_validator("atoms", mode="before")
+    @classmethod
+    def _parse_atoms(cls, value: Any) -> Any:
+        return parse_atoms(value)
+
+    @field_validator("atoms")
+    @classmethod
+    def _atoms_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        return check_atoms(value)
+
+    @model_validator(mode="after")
+    def _variable_composition(self) -> RunConfig:
+        """chemical_system: the rules with other keys (hull/settings.py), defaults of its own."""
+        if self.chemical_system is not None and self.hull is None:
+            self.hull = HullConfig()
+        check_variable_composition(self)
+        if self.chemical_system is not None and "operators" not in self.ga.model_fields_set:
+            self.ga = self.ga.model_copy(update={"operators": dict(VARIABLE_COMPOSITION_OPERATORS)})
+        return self
 
     @model_validator(mode="after")
     def _mode_inputs(self, info: ValidationInfo) -> RunConfig:
@@ -539,6 +587,9 @@ class RunConfig(_Section):
 
     @property
     def formula(self) -> str:
+        if self.chemical_system is not None:
+            low, high = self.atoms
+            return f"{'-'.join(self.chemical_system)} ({low}-{high} atoms per cell)"
         if self.composition is None:
             return "(from htvs templates)"
         text = formula_string(self.composition)
@@ -640,8 +691,11 @@ def load_config(path: str | Path, check_environment: bool = True) -> RunConfig:
     """
     path = Path(path)
     data = read_yaml_mapping(path, "config file", "name, mode, composition")
+    base = path.resolve().parent
     return parse_config(
-        resolve_paths(data, path.resolve().parent), source=str(path), check_environment=check_environment
+        resolve_hull_paths(resolve_paths(data, base), base),
+        source=str(path),
+        check_environment=check_environment,
     )
 
 

@@ -379,7 +379,9 @@ class Engine:
             self.costs.proposals += 1
 
     def _task(self, candidate_id: int, structure: Structure) -> RelaxTask:
-        best = self.best.enthalpy_per_atom if self.best is not None else None
+        best = self.search.best_known_enthalpy(structure)
+        if best is None and self.best is not None:
+            best = self.best.enthalpy_per_atom
         minima: tuple[KnownMinimum, ...] = ()
         if self.known_minima_count:
             minima = tuple(

@@ -44,15 +44,18 @@ def build_engine(config: RunConfig, run: RunDirectory, progress: Progress) -> En
     if config.surrogate.enabled:
         selection = _surrogate_selection(config)
         observers.append(selection)
-    observers += [
-        ResultsTable(run, config.objectives),
-        BestStructures(run, config.output.n_best),
-        ProgressDisplay(progress),
-    ]
+    observers.append(ResultsTable(run, config.objectives))
+    if config.chemical_system is None:  # across compositions the lowest enthalpy per atom means nothing
+        observers.append(BestStructures(run, config.output.n_best))
+    observers.append(ProgressDisplay(progress))
     if config.mode == "htvs":
         from globopt.htvs.output import ScreenOutputs
 
         observers.append(ScreenOutputs(run.path, config))
+    if config.chemical_system is not None:
+        from globopt.hull.output import HullOutputs
+
+        observers.append(HullOutputs(run.path, config))
     es = config.surrogate.early_stop
     watch_minima = config.surrogate.enabled and es.enabled and es.known_minima
     return Engine(

@@ -90,6 +90,10 @@ def _status_lines(read: ReadRun, n_best: int) -> list[str]:
             return lines + screen_status_lines(archive, config, n_best)
         except ValueError as exc:  # a competing-phase entries file that no longer reads
             raise RunDirError(str(exc)) from None
+    if config.chemical_system is not None:  # stability across compositions, not energy per atom
+        from globopt.hull.output import hull_status_lines
+
+        return lines + hull_status_lines(archive, config)
     best = archive.best_unique(n_best)
     if best:
         lines.append("best unique structures (enthalpy per atom):")
@@ -148,7 +152,8 @@ def restore_derived_outputs(read: ReadRun) -> list[str]:
     missing = []
     if not run.results_path.exists():
         missing.append("results.csv")
-    if not run.best_path.exists() and archive.best_unique(1):
+    writes_best = read.config.chemical_system is None  # a chemical system writes stable/ instead
+    if writes_best and not run.best_path.exists() and archive.best_unique(1):
         missing.append("best/")
     if not missing:
         return []
@@ -247,7 +252,7 @@ def _write_report_files(read: ReadRun, out: Path) -> list[Path]:
             "",
         ]
     text += ["![convergence and energy distribution](convergence.png)", ""]
-    text += best_candidates_table(archive, n_best=10)
+    text += _stable_phases(read) or best_candidates_table(archive, n_best=10)
     text += origin_table(evaluated)
     screen_files = _screen_outputs(read, out)
     hull_plots = [f for f in screen_files if f.suffix == ".png"]
@@ -267,16 +272,28 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
+def _stable_phases(read: ReadRun) -> list[str]:
+    """A chemical system's stable phases (its lowest enthalpies per atom would mean nothing)."""
+    if read.config.chemical_system is None:
+        return []
+    from globopt.hull.output import hull_report_lines
+
+    return hull_report_lines(read.archive, read.config)
+
+
 def _screen_outputs(read: ReadRun, out: Path) -> list[Path]:
-    """An htvs run's ranked.csv, stable/ and hull plots, regenerated from the archive.
+    """A screen's ranked.csv, stable/ and hull plots, or a chemical system's hull.csv, stable/ and hull.png,
+    regenerated from the archive.
 
     Into the run directory when it is writable and no process writes it (holding the lock meanwhile),
     otherwise into the report's folder, so that reading a run never writes where a run is working.
     """
-    if read.config.mode != "htvs":
+    if read.config.chemical_system is not None:
+        from globopt.hull.output import write_hull_outputs as write_outputs
+    elif read.config.mode == "htvs":
+        from globopt.htvs.output import write_screen_outputs as write_outputs
+    else:
         return []
-    from globopt.htvs.output import write_screen_outputs
-
     run = read.run
     try:
         if read.writer is None and os.access(run.path, os.W_OK):
@@ -286,10 +303,10 @@ def _screen_outputs(read: ReadRun, out: Path) -> list[Path]:
                 pass
             else:
                 try:
-                    return write_screen_outputs(run.path, read.archive, read.config)
+                    return write_outputs(run.path, read.archive, read.config)
                 finally:
                     run.release_lock()
-        return write_screen_outputs(out, read.archive, read.config)
+        return write_outputs(out, read.archive, read.config)
     except ValueError as exc:  # a competing-phase entries file that no longer reads
         raise RunDirError(str(exc)) from None
 

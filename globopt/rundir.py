@@ -76,6 +76,9 @@ RUN_FILES = (
     "results.csv.tmp",
     "ranked.csv",
     "ranked.csv.tmp",
+    "hull.csv",
+    "hull.csv.tmp",
+    "hull.png",
 )
 RUN_FOLDERS = ("best", "best.tmp", "best.old", "stable", "stable.tmp", "stable.old", "hull")
 

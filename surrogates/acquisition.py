@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 from scipy.stats import norm
 
 from surrogates.descriptors import make_descriptor
@@ -72,6 +72,40 @@ def learned_points(status: str, enthalpy_per_atom: float | None, initial_json: s
     return []
 
 
+class FormationReferences:
+    """Elemental energies that turn enthalpies per atom into formation enthalpies, for a GP over a chemical
+    system.
+
+    Across the compositions of a chemical system the enthalpy per atom runs roughly linearly from one
+    element's to the other's (M3GNet: Al -3.7, Ni -5.7 eV/atom), a trend a stationary GP with a constant mean
+    models badly; the formation enthalpy removes it. The reference of each element is the first relaxed
+    structure of that pure element in commit order (the elemental references, which a variable-composition
+    run relaxes first), so it never changes once known; points that arrive before every element has one wait
+    and are learned, in order, once the last one is there. The running engine and the rebuild on resume see
+    the same order, so they learn the same points.
+    """
+
+    def __init__(self, elements: Iterable[str]) -> None:
+        self.elements = tuple(elements)
+        self.energy: dict[str, float] = {}
+
+    def observe(self, formula: str, enthalpy_per_atom: float) -> None:
+        composition = Composition(formula)
+        if len(composition.elements) == 1:
+            self.energy.setdefault(composition.elements[0].symbol, enthalpy_per_atom)
+
+    @property
+    def complete(self) -> bool:
+        return all(el in self.energy for el in self.elements)
+
+    def shift(self, formula: str) -> float:
+        """Enthalpy per atom of the composition-weighted elements: enthalpy = formation + shift."""
+        composition = Composition(formula)
+        return sum(
+            composition.get_atomic_fraction(el) * self.energy[el.symbol] for el in composition.elements
+        )
+
+
 class SurrogateScreen:
     """Descriptor + GP + LCB ranking, fed from the archive."""
 
@@ -83,6 +117,7 @@ class SurrogateScreen:
         gp: GPSettings,
         model: str | None = None,
         acquisition: str = "lcb",
+        formation: bool = False,
     ) -> None:
         # model: the matgl model the M3GNet descriptors run (None: the default M3GNet); loaded at the first
         # descriptor call, once per process
@@ -92,6 +127,9 @@ class SurrogateScreen:
             raise ValueError(f"unknown acquisition {acquisition!r}; expected 'lcb' or 'ei'")
         self.acquisition = acquisition
         self.gp = GPSurrogate(gp)
+        # formation: the GP learns formation enthalpies (a search over a chemical system)
+        self.references = FormationReferences(elements) if formation else None
+        self._waiting: list[tuple[np.ndarray, str, float]] = []
         self.seconds = 0.0  # master time spent describing, fitting and predicting (for the overhead report)
 
     @classmethod
@@ -111,7 +149,11 @@ class SurrogateScreen:
         # the M3GNet descriptors use the run's own model when it relaxes with matgl (it is loaded already),
         # else (EMT, CHGNet, any ASE calculator) the default M3GNet
         model = config.potential.model if config.potential.kind == "matgl" else None
-        return cls(config.composition, s.descriptor, s.kappa, settings, model, s.acquisition)
+        system = config.chemical_system
+        elements = config.composition if system is None else system
+        return cls(
+            elements, s.descriptor, s.kappa, settings, model, s.acquisition, formation=system is not None
+        )
 
     @property
     def ready(self) -> bool:
@@ -133,40 +175,78 @@ class SurrogateScreen:
         enthalpy_per_atom: float | None,
         initial_json: str | None,
         initial_descriptor: np.ndarray | None = None,
+        formula: str | None = None,
     ) -> int:
         """Learn what one outcome teaches (learned_points); returns the number of points added.
 
         ``initial_descriptor``: the descriptor of the initial structure when the caller has it already
-        (computed for the ranking), so it is neither parsed nor computed twice.
+        (computed for the ranking), so it is neither parsed nor computed twice. ``formula``: the structure's
+        composition, which a GP of formation enthalpies needs (parsed from the structure when not given).
         """
         from globopt.structure_codec import structure_from_json
 
         points = learned_points(status, enthalpy_per_atom, initial_json)
+        learned = 0
         for index, (structure_json, enthalpy) in enumerate(points):
+            structure = None
             if index == 0 and initial_descriptor is not None:
                 descriptor = initial_descriptor
             else:
-                descriptor = self.descriptor(structure_from_json(structure_json))
-            self.learn(descriptor, enthalpy)
-        return len(points)
+                structure = structure_from_json(structure_json)
+                descriptor = self.descriptor(structure)
+            if self.references is None:
+                self.learn(descriptor, enthalpy)
+                learned += 1
+                continue
+            if formula is None:
+                structure = structure or structure_from_json(structure_json)
+                formula = structure.composition.reduced_formula
+            self.references.observe(formula, enthalpy)
+            self._waiting.append((descriptor, formula, enthalpy))
+            if self.references.complete:
+                for waiting_descriptor, waiting_formula, waiting_enthalpy in self._waiting:
+                    self.learn(waiting_descriptor, waiting_enthalpy - self.references.shift(waiting_formula))
+                    learned += 1
+                self._waiting.clear()
+        return learned
 
     def rebuild(self, archive) -> int:
         """Learn every finished candidate of an archive, in commit order; returns the points learned."""
         count = 0
         for record in archive.relaxed_in_commit_order():
-            count += self.learn_result(record.status, record.enthalpy_per_atom, record.initial_json)
+            count += self.learn_result(
+                record.status, record.enthalpy_per_atom, record.initial_json, formula=record.formula
+            )
         return count
 
-    def rank(self, descriptors: Sequence[np.ndarray], best: float | None = None) -> list[Prediction]:
-        """Predictions with their acquisition score; ``best``: lowest enthalpy per atom so far (for EI)."""
+    def rank(
+        self,
+        descriptors: Sequence[np.ndarray],
+        best: float | None = None,
+        formulas: Sequence[str] | None = None,
+        hulls: Sequence[float | None] | None = None,
+    ) -> list[Prediction]:
+        """Predictions with their acquisition score; ``best``: lowest enthalpy per atom so far (for EI).
+
+        Over a chemical system (``formulas`` and ``hulls`` given: each proposal's composition and the hull's
+        enthalpy per atom there) the GP's formation enthalpies are turned back into enthalpies, and proposals
+        are ranked by predicted distance to the hull: LCB minus the hull, EI below the hull."""
         started = time.perf_counter()
         try:
             mu, sigma = self.gp.predict(np.vstack(descriptors))
         finally:
             self.seconds += time.perf_counter() - started
+        baseline, relative = np.zeros(len(mu)), False
+        if self.references is not None and formulas is not None and self.references.complete:
+            mu = mu + np.array([self.references.shift(f) for f in formulas])
+            if hulls is not None and all(h is not None for h in hulls):
+                baseline, relative = np.array(hulls, dtype=float), True
         lcb = lower_confidence_bound(mu, sigma, self.kappa)
-        ei = expected_improvement(mu, sigma, best) if best is not None else np.full(len(mu), math.nan)
-        score = -ei if self.acquisition == "ei" and best is not None else lcb
+        if relative:
+            ei = expected_improvement(mu - baseline, sigma, 0.0)
+        else:
+            ei = expected_improvement(mu, sigma, best) if best is not None else np.full(len(mu), math.nan)
+        score = -ei if self.acquisition == "ei" and (best is not None or relative) else lcb - baseline
         return [
             Prediction(float(m), float(s), float(b), float(e), float(c))
             for m, s, b, e, c in zip(mu, sigma, lcb, ei, score, strict=True)

@@ -62,7 +62,11 @@ class SurrogateSelection(CommitObserver):
             return None
         descriptors = [self.surrogate.descriptor(p.structure) for p in batch]
         best = engine.best.enthalpy_per_atom if engine.best is not None else None
-        predictions = self.surrogate.rank(descriptors, best=best)
+        formulas = hulls = None
+        if self.surrogate.references is not None:  # a chemical system: rank by distance to the hull
+            formulas = [p.structure.composition.reduced_formula for p in batch]
+            hulls = [engine.search.best_known_enthalpy(p.structure) for p in batch]
+        predictions = self.surrogate.rank(descriptors, best=best, formulas=formulas, hulls=hulls)
         chosen = min(range(len(batch)), key=lambda i: (predictions[i].score, batch[i].candidate_id))
         name = self.surrogate.acquisition.upper()
         for index, pending in enumerate(batch):
@@ -97,9 +101,11 @@ class SurrogateSelection(CommitObserver):
         initial_json = (
             None if descriptor is not None else context.archive.record(evaluation.candidate_id).initial_json
         )
+        formula = evaluation.relaxed.composition.reduced_formula if evaluation.relaxed is not None else None
         self.surrogate.learn_result(
-            evaluation.status, evaluation.enthalpy_per_atom, initial_json, initial_descriptor=descriptor
-        )
+            evaluation.status, evaluation.enthalpy_per_atom, initial_json, initial_descriptor=descriptor,
+            formula=formula,
+        )  # fmt: skip
 
 
 def _acquisition_value(prediction: Prediction, name: str) -> str:

@@ -39,6 +39,12 @@ class SearchAlgorithm(ABC):
         """The limits a proposal is checked against before it is relaxed."""
         return self.limits
 
+    def best_known_enthalpy(self, structure: Structure) -> float | None:
+        """The enthalpy per atom a relaxation of ``structure`` is judged against (early stop, step
+        extension); None: the lowest of the run. A search over many compositions answers with the hull at
+        the structure's composition, since the run's lowest enthalpy per atom belongs to another one."""
+        return None
+
     @abstractmethod
     def propose(self) -> Proposal:
         """Next structure to evaluate. Raise SearchExhausted if no more can be produced."""

@@ -28,6 +28,8 @@ def make_search(config: RunConfig) -> SearchAlgorithm:
         return HtvsSearch(
             enumeration, config.htvs.stop_after, checks.min_distance_factor, checks.volume_factor_range
         )
+    if config.chemical_system is not None:
+        return _variable_composition_search(config)
     contents = config.cell_contents
     # proportions only: the same limits hold for every cell size of a formula-unit range
     limits = geometry_limits(
@@ -61,3 +63,27 @@ def make_search(config: RunConfig) -> SearchAlgorithm:
             spacegroup_prior=config.random.spacegroup_prior,
         )  # fmt: skip
     raise ValueError(f"unknown search mode {config.mode!r}")
+
+
+def _variable_composition_search(config: RunConfig) -> SearchAlgorithm:
+    """A search over every composition of ``config.chemical_system`` (docs/hull.md)."""
+    from globopt.hull.settings import space_from_config
+    from globopt.hull.starts import fixed_starts, given_entries
+    from globopt.hull.tracker import HullTracker
+
+    space = space_from_config(config)
+    tracker = HullTracker(config.chemical_system, given_entries(config))
+    starts = fixed_starts(config)
+    hull = config.hull
+    if config.mode == "ga":
+        from globopt.search.variable_ga import VariableCompositionGA
+
+        return VariableCompositionGA(
+            space, tracker, starts, config.seed, config.ga, config.random, hull.max_per_composition,
+            hull.spread_temperature, initial_population=config.initial_population,
+        )  # fmt: skip
+    from globopt.search.variable_random import VariableCompositionRandom
+
+    return VariableCompositionRandom(
+        space, tracker, starts, config.seed, config.random, hull.spread_temperature
+    )
