@@ -60,7 +60,7 @@ def fixed_starts(config: Any) -> list[tuple[str, Structure]]:
 
 def given_entries(config: Any) -> list[PDEntry]:
     """Entries of the competing-phase JSON files within the chemical system (others cannot be on its hull)."""
-    from globopt.htvs.hull import _load_entries
+    from globopt.htvs.hull import load_entries
 
     system = set(config.chemical_system)
     entries = []
@@ -69,7 +69,7 @@ def given_entries(config: Any) -> list[PDEntry]:
         if path.suffix.lower() != ".json":
             continue
         try:
-            loaded = _load_entries(path)
+            loaded = load_entries(path)
         except (OSError, ValueError) as exc:
             raise StartError(f"hull.competing_phases: {exc}") from None
         inside = [e for e in loaded if {el.symbol for el in e.composition.elements} <= system]
