@@ -31,7 +31,7 @@ TESTS = Path(__file__).resolve().parent
 # less than this (eV/atom); EMT formation energies in Cu-Au are about -0.01 eV/atom.
 FOUND = 5e-4
 CUAU = {
-    "mode": "ga", "chemical_system": ["Cu", "Au"], "atoms": [1, 8], "seed": 1, "potential": {"kind": "emt"},
+    "mode": "ga", "chemical_system": ["Cu", "Au"], "atoms": [1, 8], "seed": 2, "potential": {"kind": "emt"},
 }  # fmt: skip
 
 
