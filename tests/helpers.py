@@ -70,6 +70,13 @@ def subprocess_environment(env: dict | None = None) -> dict[str, str]:
     return {**os.environ, **env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def _interruptible() -> None:
+    """In the child, before exec: Ctrl-C back to its default. A test suite started in the background of a
+    non-interactive shell (`pytest &`, some CI runners) inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler, so a test that sends SIGINT would wait on a run that never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def globopt_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "globopt", *args],
@@ -78,6 +85,7 @@ def globopt_process(*args: str, cwd: Path, env: dict | None = None) -> subproces
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_interruptible,
     )
 
 
