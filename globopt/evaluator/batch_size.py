@@ -23,8 +23,8 @@ CPU_BATCH = 8
 GPU_MAX_BATCH = 256
 # ... and atoms in flight at most this share of the free device memory over the memory one atom needs
 GPU_MEMORY_SHARE = 0.5
-# peak memory of M3GNet's forward and backward pass per atom of a batch (float32; measured on the CPU
-# for 8-64-atom cells with a 5 Å cutoff: the graph, three-body terms and autograd buffers)
+# peak memory of M3GNet's forward and backward pass per atom of a batch (float32, 5 Å cutoff: the graph,
+# three-body terms and autograd buffers): an estimate chosen generous, not yet measured on a GPU
 BYTES_PER_ATOM = 2_000_000
 
 
