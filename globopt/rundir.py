@@ -497,12 +497,7 @@ class RunDirectory:
             name = f"{rank:03d}_{formula}_{sg}_id{record.id}.cif"
             (staging / name).write_text(cif)
             written.append(self.best_path / name)
-        old = self.path / "best.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.best_path.exists():
-            os.replace(self.best_path, old)
-        os.replace(staging, self.best_path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, self.best_path)
         return written
 
     def _symmetrized_cif(self, candidate_id: int, relaxed_json: str) -> tuple[str, str]:
@@ -557,3 +552,14 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Put a fully written ``staging`` folder in place of ``folder`` (best/, stable/): the old one is moved
+    aside to ``<name>.old`` first, so a kill at any point leaves one complete folder, never half of one."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ from pymatgen.io.cif import CifWriter
 from globopt.archive import Archive
 from globopt.htvs.hull import ScreenedCandidate, StabilityAnalysis
 from globopt.observers import CommitObserver
+from globopt.rundir import replace_folder
 
 log = logging.getLogger("globopt")
 
@@ -136,12 +137,7 @@ def write_stable(
             structure = archive.record(candidate.id).relaxed
             CifWriter(structure, symprec=0.1).write_file(staging / name)
         written.append(folder / name)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, folder)
     return written
 
 

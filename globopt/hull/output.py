@@ -24,6 +24,7 @@ from globopt.hull.analysis import HullAnalysis, HullPoint
 from globopt.hull.starts import given_entries
 from globopt.hull.tracker import HullTracker
 from globopt.observers import BestSoFar, CommitContext, CommitObserver
+from globopt.rundir import replace_folder
 
 log = logging.getLogger("globopt")
 
@@ -152,12 +153,7 @@ def write_stable(folder: Path, archive: Archive, analysis: HullAnalysis, thresho
         else:
             CifWriter(archive.record(point.candidate_id).relaxed, symprec=0.1).write_file(staging / name)
         written.append(folder / name)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, folder)
     return written
 
 
