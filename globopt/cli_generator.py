@@ -1,4 +1,4 @@
-"""`globopt generator train | sample | evaluate`: the generative models of generators/ from the shell.
+"""`globopt generator train | sample | evaluate | corpus`: generators/ from the shell.
 
 Registered on the main parser by ``add_generator_commands``; every user mistake (missing data set,
 corrupt checkpoint, bad composition) is printed as one line and exits with code 2.
@@ -66,12 +66,32 @@ def add_generator_commands(commands) -> None:
     evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+    corpus = sub.add_parser(
+        "corpus", help="collect a training data set (CDVAE csv + manifest) from screens and searches"
+    )
+    corpus.add_argument("runs", type=Path, nargs="+", help="run directories (HTVS screens, searches)")
+    corpus.add_argument("--out", type=Path, required=True, help="corpus folder (train/val/test/corpus.csv)")
+    corpus.add_argument("--name", default="corpus", help="data set name, the prefix of every material_id")
+    corpus.add_argument(
+        "--window", type=float, default=0.1, help="eV/atom above the composition's lowest energy kept"
+    )
+    corpus.add_argument("--max-atoms", type=int, default=20, help="largest cell kept")
+    corpus.add_argument("--test-fraction", type=float, default=0.1, help="share of structure types held out")
+    corpus.add_argument("--val-fraction", type=float, default=0.1, help="share of structure types for val")
+    corpus.add_argument(
+        "--hold-out", nargs="+", default=[], metavar="TYPE", help="structure types always put in test"
+    )
+    corpus.add_argument("--seed", type=int, default=0, help="which structure types the fractions pick")
+    corpus.set_defaults(handler=_cmd_corpus)
+
 
 def _user_errors():
     from generators.checkpoint import CheckpointError
     from generators.data import DataError
+    from globopt.archive import ArchiveError
+    from globopt.rundir import RunDirError
 
-    return (CheckpointError, DataError, ValueError)
+    return (CheckpointError, DataError, ValueError, RunDirError, ArchiveError)
 
 
 def _run(action) -> int:
@@ -195,6 +215,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
         print(text)
+        return EXIT_OK
+
+    return _run(action)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    def action() -> int:
+        from generators.corpus import collect_corpus
+
+        _positive("max-atoms", args.max_atoms)
+        summary = collect_corpus(
+            args.runs, args.out, name=args.name, window=args.window, max_atoms=args.max_atoms,
+            test_fraction=args.test_fraction, val_fraction=args.val_fraction, held_out=args.hold_out,
+            seed=args.seed,
+        )  # fmt: skip
+        rows, types = summary.rows, summary.structure_types
+        print(
+            f"{args.out}: {rows['all']} structures ({rows['train']} train, {rows['val']} val, {rows['test']} "
+            f"test), {len(summary.elements)} elements, {sum(len(t) for t in types.values())} structure types "
+            f"({len(types['test'])} held out); dropped {summary.dropped_above_window} above the window, "
+            f"{summary.dropped_as_duplicates} duplicates, {summary.dropped_too_large} larger than "
+            f"{args.max_atoms} atoms"
+        )
         return EXIT_OK
 
     return _run(action)

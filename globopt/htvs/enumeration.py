@@ -23,6 +23,7 @@ from globopt.htvs.settings import HtvsConfig
 from globopt.htvs.substitutions import (
     ExplicitSubstitutions,
     Mapping,
+    alloy_decorations,
     can_be_charge_neutral,
     describe,
     is_injective,
@@ -64,7 +65,7 @@ class FixedBlock:
 
 
 class TemplateBlock:
-    """Every substitution of one template: the explicit combinations, then data-mined extras."""
+    """Every substitution of one template: the explicit combinations, then data-mined and alloy extras."""
 
     def __init__(
         self,
@@ -72,20 +73,28 @@ class TemplateBlock:
         explicit: ExplicitSubstitutions,
         probable: list[tuple[Mapping, float]],
         config: HtvsConfig,
+        alloys: list[Mapping] = (),
     ) -> None:
         self.template = template
         self.explicit = explicit
-        self.probable = [(m, p) for m, p in probable if m not in explicit]
+        # listed extras, each with the note its origin carries; a mapping already enumerated is not repeated
+        self.extras: list[tuple[Mapping, str]] = []
+        seen: set[tuple[tuple[str, str], ...]] = set()
+        listed = [(m, f" p={p:.3g}") for m, p in probable] + [(m, " alloy") for m in alloys]
+        for mapping, note in listed:
+            key = tuple(sorted(mapping.items()))
+            if mapping not in explicit and key not in seen:
+                seen.add(key)
+                self.extras.append((mapping, note))
         self.config = config
 
     def __len__(self) -> int:
-        return len(self.explicit) + len(self.probable)
+        return len(self.explicit) + len(self.extras)
 
     def mapping(self, index: int) -> tuple[Mapping, str]:
         if index < len(self.explicit):
             return self.explicit[index], ""
-        mapping, probability = self.probable[index - len(self.explicit)]
-        return mapping, f" p={probability:.3g}"
+        return self.extras[index - len(self.explicit)]
 
     def item(self, index: int) -> Item:
         mapping, note = self.mapping(index)
@@ -101,7 +110,7 @@ class TemplateBlock:
         return Item(origin + note if note else origin, structure)
 
     def elements(self) -> set[str]:
-        return self.explicit.elements() | {el for m, _ in self.probable for el in m.values()}
+        return self.explicit.elements() | {el for m, _ in self.extras for el in m.values()}
 
     def fingerprint(self) -> str:
         return f"{self.template.name}:{self.template.structure.composition.formula}:{len(self)}"
@@ -213,12 +222,18 @@ class Enumeration:
 
     def _template_block(self, template: Template) -> TemplateBlock:
         rules = template.substitutions if template.substitutions is not None else self.config.substitutions
-        explicit = ExplicitSubstitutions(template.species, rules, self.config.keep_original)
+        allowed = self.config.elements
+        explicit = ExplicitSubstitutions(template.species, rules, self.config.keep_original, allowed)
         probable: list[tuple[Mapping, float]] = []
         if self.config.probability is not None:
             p = self.config.probability
-            probable = probable_substitutions(template.structure, p.threshold, p.max_per_template)
-        return TemplateBlock(template, explicit, probable, self.config)
+            probable = probable_substitutions(template.structure, p.threshold, p.max_per_template, allowed)
+        alloys: list[Mapping] = []
+        if self.config.alloys is not None:
+            a = self.config.alloys
+            pool = [el for el in a.elements if allowed is None or el in allowed]
+            alloys = alloy_decorations(template, pool, a.max_per_template, a.seed)
+        return TemplateBlock(template, explicit, probable, self.config, alloys)
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.blocks)

@@ -23,7 +23,7 @@ def elemental_reference(symbol: str) -> Structure | None:
 
         try:
             structure = AseAtomsAdaptor.get_structure(bulk(symbol))
-        except (ValueError, KeyError, NotImplementedError):
+        except (ValueError, KeyError, NotImplementedError, RuntimeError):  # RuntimeError: tetragonal Pa
             return None
     # primitive cell: several dcdft cells are conventional (Ga, Cl2, ...) and cost twice the relaxation
     return structure.get_primitive_structure()

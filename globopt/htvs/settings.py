@@ -8,7 +8,7 @@ config is loaded (see ``resolve_paths``), so a resumed run finds its templates f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -29,13 +29,19 @@ def _check_mapping(value: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 class TemplateSpec(_Section):
-    """One source of template structures: exactly one of prototype, file, folder, ase_db."""
+    """One source of template structures: exactly one of prototype, library, file, folder, ase_db."""
 
     prototype: str | None = Field(
         None,
         description="AFLOW prototype bundled with pymatgen: label (AB_cF8_225_a_b), Strukturbericht (B1) "
         "or mineral name (rock salt, zincblende, perovskite)",
     )
+    library: Literal["aflow"] | None = Field(
+        None,
+        description="every prototype of pymatgen's AFLOW library with at most htvs.max_atoms atoms (and "
+        "max_species elements): a corpus of structure types rather than a chosen few",
+    )
+    max_species: PositiveInt | None = Field(None, description="library templates: at most this many elements")
     file: str | None = Field(None, description="one CIF or POSCAR file")
     folder: str | None = Field(None, description="every *.cif / POSCAR* / *.vasp file in this folder")
     ase_db: str | None = Field(None, description="an ASE database file; every row (or those matching select)")
@@ -47,13 +53,16 @@ class TemplateSpec(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> TemplateSpec:
-        given = [k for k in ("prototype", "file", "folder", "ase_db") if getattr(self, k)]
+        given = [k for k in ("prototype", "library", "file", "folder", "ase_db") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                f"a template needs exactly one of prototype, file, folder, ase_db (got {given or 'none'})"
+                "a template needs exactly one of prototype, library, file, folder, ase_db "
+                f"(got {given or 'none'})"
             )
         if self.select and not self.ase_db:
             raise ValueError("select applies only to ase_db templates")
+        if self.max_species is not None and not self.library:
+            raise ValueError("max_species applies only to library templates")
         return self
 
     @field_validator("substitutions")
@@ -69,6 +78,32 @@ class ProbabilityConfig(_Section):
         0.001, gt=0, lt=1, description="keep substitutions of the whole template more probable than this"
     )
     max_per_template: PositiveInt = Field(200, description="most probable substitutions kept per template")
+
+
+class AlloyConfig(_Section):
+    """Decorations of all-metal templates (intermetallics, elemental metals) with metals from a pool.
+
+    The data-mined substitutions are a model of ions: a template without a charge-balanced
+    oxidation-state guess gets none, so intermetallic structure types would be missing from a corpus.
+    Each all-metal template instead gets up to ``max_per_template`` assignments of distinct pool elements
+    to its species, drawn without replacement in an order fixed by the template's name and ``seed``.
+    """
+
+    elements: list[str] = Field(min_length=1, description="metals put on the sites of all-metal templates")
+    max_per_template: PositiveInt = Field(50, description="decorations kept per all-metal template")
+    seed: int = Field(0, description="which decorations are drawn when there are more than max_per_template")
+
+    @field_validator("elements")
+    @classmethod
+    def _metals(cls, value: list[str]) -> list[str]:
+        from pymatgen.core.periodic_table import Element
+
+        value = list(_check_mapping({el: [] for el in value}))
+        not_metals = [el for el in value if not Element(el).is_metal]
+        if not_metals:
+            names = ", ".join(not_metals)
+            raise ValueError(f"not metals: {names} (alloy decorations put metals on metal sites)")
+        return value
 
 
 class PartialSpec(_Section):
@@ -99,6 +134,15 @@ class HtvsConfig(_Section):
     probability: ProbabilityConfig | None = Field(
         None, description="add data-mined ionic substitutions above a probability threshold"
     )
+    elements: list[str] | None = Field(
+        None,
+        description="the screen's elements: structures holding any other element (a template's own "
+        "species included) are not enumerated (default: no restriction)",
+    )
+    alloys: AlloyConfig | None = Field(
+        None,
+        description="decorate all-metal templates with metals from a pool (no data-mined rule covers them)",
+    )
     charge_neutral: bool = Field(
         False, description="skip substituted compositions with no charge-neutral oxidation-state guess"
     )
@@ -126,6 +170,11 @@ class HtvsConfig(_Section):
     @classmethod
     def _valid_mapping(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         return _check_mapping(value)
+
+    @field_validator("elements")
+    @classmethod
+    def _known_elements(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(_check_mapping({el: [] for el in value}))
 
     @model_validator(mode="after")
     def _has_templates(self) -> HtvsConfig:

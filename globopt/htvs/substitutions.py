@@ -1,6 +1,6 @@
 """Substitution rules: which element goes on each template species' sites.
 
-Two sources, combined per template:
+Three sources, combined per template:
 
 * explicit mappings (``{Na: [Li, K], Cl: [Br, I]}``): every combination of the allowed elements per
   site-set. The combinations form a mixed-radix sequence, so item ``i`` is computed from ``i`` alone and a
@@ -8,6 +8,8 @@ Two sources, combined per template:
 * data-mined ionic substitutions (Hautier et al., Inorg. Chem. 50, 656 (2011); pymatgen's
   ``SubstitutionPredictor`` over ``lambda.json``): substitutions of the whole oxidation-state-decorated
   template more probable than a threshold. These are few per template and are listed once.
+* alloy decorations of all-metal templates with metals from a pool (the data-mined model is over ions
+  and says nothing about intermetallics), a fixed pseudo-random selection per template.
 
 Optional filters: charge neutrality (pymatgen's oxidation-state guesser finds at least one neutral
 assignment) and the cell size limit.
@@ -16,11 +18,18 @@ assignment) and the cell size limit.
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 from pymatgen.core import Composition, Structure
+
+if TYPE_CHECKING:
+    from globopt.htvs.templates import Template
 
 Mapping = dict[str, str]  # template species -> element put on its sites
 
@@ -34,11 +43,20 @@ def describe(mapping: Mapping) -> str:
 class ExplicitSubstitutions:
     """All combinations of allowed elements per template species, addressable by index."""
 
-    def __init__(self, species: Sequence[str], rules: dict[str, list[str]], keep_original: bool) -> None:
+    def __init__(
+        self,
+        species: Sequence[str],
+        rules: dict[str, list[str]],
+        keep_original: bool,
+        elements: Sequence[str] | None = None,
+    ) -> None:
+        """``elements``: when given, no site gets an element outside it (its template species included)."""
         self.species = list(species)
         self.choices: list[list[str]] = []
         for site in self.species:
             allowed = ([site] if keep_original or site not in rules else []) + rules.get(site, [])
+            if elements is not None:
+                allowed = [el for el in allowed if el in elements]
             self.choices.append(list(dict.fromkeys(allowed)))
         self.size = math.prod(len(c) for c in self.choices)
 
@@ -70,31 +88,82 @@ def _predictor(threshold: float):
     return SubstitutionPredictor(threshold=threshold)
 
 
-def probable_substitutions(structure: Structure, threshold: float, limit: int) -> list[tuple[Mapping, float]]:
+@functools.lru_cache(maxsize=1)
+def _known_ions(threshold: float) -> frozenset[str]:
+    return frozenset(str(species) for species in _predictor(threshold).p.species)
+
+
+@functools.cache
+def _predictions(ions: tuple[str, ...], threshold: float) -> list[dict]:
+    """pymatgen's predictions for a set of ions, kept for the process: a library of templates repeats ion
+    sets, and a run checks its config before building its search, which enumerates the same templates
+    (the predictor walks every substitution tree: up to seconds per ternary template)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _predictor(threshold).list_prediction(list(ions))
+
+
+def probable_substitutions(
+    structure: Structure, threshold: float, limit: int, elements: Sequence[str] | None = None
+) -> list[tuple[Mapping, float]]:
     """Element mappings of the template more probable than ``threshold``, most probable first.
 
     The template's oxidation states are guessed first (the model is over ions); a template without a
-    charge-balanced guess (an intermetallic, say) has no data-mined substitutions and gets none.
+    charge-balanced guess (an intermetallic, say), or whose ions the model does not know (As3-, a neutral
+    metal), has no data-mined substitutions and gets none. ``elements`` keeps only mappings onto those.
     """
-    guesses = structure.composition.oxi_state_guesses(max_sites=-1)
-    if not guesses:
-        return []
-    oxidation = guesses[0]
-    ions = {}
-    for element, state in oxidation.items():
-        from pymatgen.core.periodic_table import Species
+    from pymatgen.core.periodic_table import Species
 
-        ions[str(Species(element, round(state)))] = element
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        predictions = _predictor(threshold).list_prediction(list(ions))
+    known = _known_ions(threshold)
+    for oxidation in structure.composition.oxi_state_guesses(max_sites=-1):
+        ions = {str(Species(element, round(state))): element for element, state in oxidation.items()}
+        if known.issuperset(ions):
+            break
+    else:
+        return []
+    predictions = _predictions(tuple(ions), threshold)
+    allowed = None if elements is None else set(elements)
     best: dict[tuple[tuple[str, str], ...], float] = {}
     for prediction in predictions:
         mapping = {ions[str(old)]: new.symbol for new, old in prediction["substitutions"].items()}
+        if allowed is not None and not set(mapping.values()) <= allowed:
+            continue
         key = tuple(sorted(mapping.items()))
         best[key] = max(best.get(key, 0.0), float(prediction["probability"]))
     ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
     return [(dict(key), probability) for key, probability in ranked]
+
+
+def alloy_decorations(template: Template, pool: Sequence[str], limit: int, seed: int) -> list[Mapping]:
+    """Up to ``limit`` assignments of distinct pool metals to an all-metal template's species.
+
+    None for a template with a non-metal species. The order is a permutation of all assignments fixed by
+    the template's name and ``seed``, so the same config always screens the same decorations (resume
+    relies on it) and a larger ``limit`` extends the list instead of replacing it.
+    """
+    from pymatgen.core.periodic_table import Element
+
+    species = template.species
+    if not all(Element(el).is_metal for el in species):
+        return []
+    metals = list(dict.fromkeys(pool))
+    if len(metals) < len(species):
+        return []
+    digest = hashlib.sha256(f"{template.name}|{seed}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    total = math.perm(len(metals), len(species))
+    if total <= 4 * limit:  # few enough to list: an exact shuffle
+        every = list(itertools.permutations(metals, len(species)))
+        chosen = [every[i] for i in rng.permutation(len(every))[:limit]]
+    else:  # draw distinct tuples (a handful of repeats to skip at most)
+        seen: set[tuple[str, ...]] = set()
+        chosen = []
+        while len(chosen) < limit:
+            pick = tuple(metals[i] for i in rng.choice(len(metals), size=len(species), replace=False))
+            if pick not in seen:
+                seen.add(pick)
+                chosen.append(pick)
+    return [dict(zip(species, pick, strict=True)) for pick in chosen]
 
 
 def is_injective(mapping: Mapping) -> bool:

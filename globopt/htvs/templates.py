@@ -39,6 +39,11 @@ def load_templates(specs: list[TemplateSpec], max_atoms: int) -> list[Template]:
     """Every template of every source, in config order; names are made unique."""
     templates: list[Template] = []
     for spec in specs:
+        if spec.library:
+            prefix = f"{spec.name}:" if spec.name else ""
+            for label, structure in library_prototypes(max_atoms, spec.max_species or 1000):
+                templates.append(Template(prefix + label, structure, spec.substitutions))
+            continue
         for name, structure in _load_source(spec):
             _check_ordered(name, structure)
             if len(structure) > max_atoms:
@@ -164,6 +169,22 @@ def _prototype_index() -> dict[str, list[int]]:
         for alias in {_normalise(n) for n in names if n and n.strip()}:
             index.setdefault(alias, []).append(position)
     return index
+
+
+def library_prototypes(max_atoms: int, max_species: int) -> list[tuple[str, Structure]]:
+    """(AFLOW label, structure) of every library prototype within the size limits, in library order.
+
+    Prototypes above the limits are left out rather than refused: a library template asks for the
+    structure types that fit, where a named prototype that does not fit is a mistake worth an error.
+    """
+    chosen = []
+    for entry in _prototype_library():
+        structure = Structure.from_dict(entry["snl"])
+        if len(structure) > max_atoms or len(structure.composition.elements) > max_species:
+            continue
+        structure.remove_oxidation_states()
+        chosen.append((entry["tags"]["aflow"], structure))
+    return chosen
 
 
 def prototype(name: str) -> tuple[str, Structure]:
