@@ -100,6 +100,20 @@ def test_the_screen_element_list_bounds_every_structure() -> None:
     assert len(by_name["A_tI2_139_a"]) == 3 and len(by_name["A_cF4_225_a"].explicit) == 1  # fcc Cu kept
 
 
+def test_charge_neutrality_filters_ionic_decorations_but_not_intermetallics() -> None:
+    screen = {"templates": [{"prototype": "L1_2"}, {"prototype": "rock salt"}], "keep_original": False,
+              "substitutions": {"Na": ["Mg", "K"]}, "alloys": {"elements": ["Cu", "Au", "Ni"]},
+              "charge_neutral": True}  # fmt: skip
+    enumeration = Enumeration(HtvsConfig.model_validate(screen))
+    l12, rocksalt = enumeration.template_blocks
+    items = [l12.item(i) for i in range(len(l12))]
+    # the original Cu3Au and 5 alloys (the sixth would repeat it): all metals, none filtered
+    assert len(items) == 6 and all(i.structure is not None for i in items)
+    assert all(i.origin.endswith(" alloy") for i in items[1:])
+    verdicts = {rocksalt.item(i).origin: rocksalt.item(i).structure is not None for i in range(len(rocksalt))}
+    assert verdicts == {"htvs:AB_cF8_225_a_b:Na>Mg": False, "htvs:AB_cF8_225_a_b:Na>K": True}  # MgCl, KCl
+
+
 # -- the collector ----------------------------------------------------------------------------------------
 def test_structure_types_and_splits_follow_whole_templates() -> None:
     assert structure_type_of("htvs:AB_cF8_225_a_b:Na>K p=0.1") == ("AB_cF8_225_a_b", "Na>K")

@@ -177,8 +177,8 @@ def test_rules_and_enumerations_that_would_be_ignored_are_named(tmp_path: Path) 
     empty = _problem(tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": []}})
     assert "the substitution rules give no structure" in empty
     filtered = _problem(
-        tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": ["Au"]}, "charge_neutral": True}
-    )
+        tmp_path, {**b2, "substitutions": {"Cs": ["Au"], "Cl": ["O"]}, "charge_neutral": True}
+    )  # AuO has no charge-balanced guess (an all-metal CuAu would be exempt: an intermetallic)
     assert "every one of the 1 substitutions is skipped by the filters (1 with no charge-neutral" in filtered
     early = _problem(tmp_path, {**b2, "substitutions": {"Cs": ["Cu"], "Cl": ["Au"]}, "stop_after": 2})
     assert "htvs.stop_after: 2 ends the screen before its first substituted structure" in early

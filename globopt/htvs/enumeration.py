@@ -101,10 +101,13 @@ class TemplateBlock:
         origin = f"htvs:{self.template.name}:{describe(mapping)}"
         if not is_injective(mapping):
             return Item(origin, None, "two site-sets would get the same element")
-        if self.config.charge_neutral:  # decided on the composition alone, before building the structure
+        # decided on the composition alone, before building the structure; an all-metal composition is an
+        # intermetallic, with no oxidation states to balance
+        if self.config.charge_neutral:
             amounts = self.template.structure.composition.get_el_amt_dict()
-            formula = Composition({mapping.get(el, el): n for el, n in amounts.items()}).reduced_formula
-            if not can_be_charge_neutral(formula):
+            composition = Composition({mapping.get(el, el): n for el, n in amounts.items()})
+            metallic = all(el.is_metal for el in composition.elements)
+            if not metallic and not can_be_charge_neutral(composition.reduced_formula):
                 return Item(origin, None, "no charge-neutral oxidation states")
         structure = substitute(self.template.structure, mapping, self.config.scale_volume)
         return Item(origin + note if note else origin, structure)
