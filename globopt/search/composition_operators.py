@@ -34,15 +34,13 @@ from globopt.search.operators import (
     ATTEMPTS,
     HEREDITY_ATTEMPTS,
     _add_one,
-    _aligned,
     _blend,
     _fix_content,
-    _motif_preserving_cut,
     _natural_spacing,
     _reduced,
-    _resized,
     _same_as_stored,
     _stretch_axis,
+    plan_splice,
 )
 
 
@@ -91,16 +89,10 @@ def variable_heredity(
     per_atom_a, per_atom_b = parent_a.volume / len(parent_a), parent_b.volume / len(parent_b)
     for _ in range(HEREDITY_ATTEMPTS):
         n_atoms = int(sizes[int(rng.integers(len(sizes)))])
-        piece_a = _resized(cell_a, n_atoms, rng)
-        piece_b = _aligned(_resized(cell_b, n_atoms, rng), piece_a.lattice)
-        if not len(piece_a.frac) or not len(piece_b.frac):
-            continue  # a cut-down piece of a much larger parent missed every atom
-        cut, shift = _motif_preserving_cut(piece_a, piece_b, rng)
-        frac_b = (piece_b.frac + shift) % 1.0
-        from_a, from_b = cut.in_first(piece_a.frac), ~cut.in_first(frac_b)
-        held = Counter(str(s) for s in piece_a.symbols[from_a]) + Counter(
-            str(s) for s in piece_b.symbols[from_b]
-        )
+        splice = plan_splice(cell_a, cell_b, n_atoms, rng)
+        if splice is None:
+            continue
+        held = splice.held()
         total = sum(held.values())
         if total == 0:
             continue
@@ -110,19 +102,13 @@ def variable_heredity(
             continue
         limits = space.limits_for_counts(counts)
         low, high = limits.volume_per_atom_range
+        cut = splice.cut
         volume_per_atom = cut.fraction * per_atom_a + (1.0 - cut.fraction) * per_atom_b
         volume_per_atom = min(max(volume_per_atom, low * 1.02), high * 0.98)
-        lattice = _blend(piece_a.lattice, piece_b.lattice, cut.fraction, n_atoms * volume_per_atom)
-        child = WorkingCell(
-            lattice,
-            np.concatenate([piece_a.frac[from_a], frac_b[from_b]]),
-            np.concatenate([piece_a.symbols[from_a], piece_b.symbols[from_b]]),
+        lattice = _blend(
+            splice.piece_a.lattice, splice.piece_b.lattice, cut.fraction, n_atoms * volume_per_atom
         )
-        spares = WorkingCell(
-            lattice,
-            np.concatenate([piece_a.frac[~from_a], frac_b[~from_b]]),
-            np.concatenate([piece_a.symbols[~from_a], piece_b.symbols[~from_b]]),
-        )
+        child, spares = splice.cells(lattice)
         content = space.content_dict(counts)
         child = _fix_content(child, spares, content, cut, limits, rng)
         result = _finish(child, counts, space, rng)

@@ -282,6 +282,56 @@ def _motif_preserving_cut(
     return best
 
 
+@dataclass(frozen=True)
+class Splice:
+    """Where two parents are cut and joined: the slab of A inside the cut, the rest of B (shifted).
+
+    Heredity at fixed composition and across compositions share this; they differ only in the content the
+    child must end with and the volume it gets.
+    """
+
+    piece_a: WorkingCell
+    piece_b: WorkingCell  # aligned with piece_a's cell and randomly shifted
+    cut: _Cut
+    from_a: np.ndarray  # atoms of piece_a in the child
+    from_b: np.ndarray  # atoms of piece_b in the child
+
+    def held(self) -> Counter:
+        """The atoms the two slabs hold, per element."""
+        return Counter(str(s) for s in self.piece_a.symbols[self.from_a]) + Counter(
+            str(s) for s in self.piece_b.symbols[self.from_b]
+        )
+
+    def cells(self, lattice: np.ndarray) -> tuple[WorkingCell, WorkingCell]:
+        """(child, spares) on ``lattice``; the spares are the atoms left out, for content fixing to use."""
+        a, b = self.piece_a, self.piece_b
+        child = WorkingCell(
+            lattice,
+            np.concatenate([a.frac[self.from_a], b.frac[self.from_b]]),
+            np.concatenate([a.symbols[self.from_a], b.symbols[self.from_b]]),
+        )
+        spares = WorkingCell(
+            lattice,
+            np.concatenate([a.frac[~self.from_a], b.frac[~self.from_b]]),
+            np.concatenate([a.symbols[~self.from_a], b.symbols[~self.from_b]]),
+        )
+        return child, spares
+
+
+def plan_splice(
+    parent_a: WorkingCell, parent_b: WorkingCell, n_atoms: int, rng: np.random.Generator
+) -> Splice | None:
+    """Both parents resized towards ``n_atoms``, B aligned with A, a motif-preserving cut and B's shift;
+    None when a cut-down piece of a much larger parent missed every atom."""
+    piece_a = _resized(parent_a, n_atoms, rng)
+    piece_b = _aligned(_resized(parent_b, n_atoms, rng), piece_a.lattice)
+    if not len(piece_a.frac) or not len(piece_b.frac):
+        return None
+    cut, shift = _motif_preserving_cut(piece_a, piece_b, rng)
+    piece_b = WorkingCell(piece_b.lattice, (piece_b.frac + shift) % 1.0, piece_b.symbols)
+    return Splice(piece_a, piece_b, cut, cut.in_first(piece_a.frac), ~cut.in_first(piece_b.frac))
+
+
 def _splice(
     parent_a: WorkingCell,
     parent_b: WorkingCell,
@@ -289,26 +339,15 @@ def _splice(
     volume_per_atom: float,
     limits: GeometryLimits,
     rng: np.random.Generator,
-) -> WorkingCell:
-    """One cut-and-splice child: a slab of A, the complementary slab of randomly shifted B."""
+) -> WorkingCell | None:
+    """One cut-and-splice child of the parents' content: a slab of A, the complementary slab of B."""
     n_atoms = sum(content.values())
-    piece_a = _resized(parent_a, n_atoms, rng)
-    piece_b = _aligned(_resized(parent_b, n_atoms, rng), piece_a.lattice)
-    cut, shift = _motif_preserving_cut(piece_a, piece_b, rng)
+    splice = plan_splice(parent_a, parent_b, n_atoms, rng)
+    if splice is None:
+        return None
+    piece_a, piece_b, cut = splice.piece_a, splice.piece_b, splice.cut
     lattice = _blend(piece_a.lattice, piece_b.lattice, cut.fraction, n_atoms * volume_per_atom)
-    frac_b = (piece_b.frac + shift) % 1.0
-    from_a = cut.in_first(piece_a.frac)
-    from_b = ~cut.in_first(frac_b)
-    child = WorkingCell(
-        lattice,
-        np.concatenate([piece_a.frac[from_a], frac_b[from_b]]),
-        np.concatenate([piece_a.symbols[from_a], piece_b.symbols[from_b]]),
-    )
-    spares = WorkingCell(
-        lattice,
-        np.concatenate([piece_a.frac[~from_a], frac_b[~from_b]]),
-        np.concatenate([piece_a.symbols[~from_a], piece_b.symbols[~from_b]]),
-    )
+    child, spares = splice.cells(lattice)
     return _fix_content(child, spares, content, cut, limits, rng)
 
 
@@ -327,6 +366,8 @@ def heredity(
     volume_per_atom = min(max(volume_per_atom, low * 1.02), high * 0.98)
     for _ in range(HEREDITY_ATTEMPTS):
         child = _splice(cell_a, cell_b, content, volume_per_atom, limits, rng)
+        if child is None:
+            continue
         result = finish(child, content, limits, repair=True, rng=rng)
         # Splicing a high-symmetry cell with itself (or with a copy) can give the parent back atom for atom:
         # that is no offspring, and the slot is better spent on another try.
