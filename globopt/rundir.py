@@ -18,7 +18,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -552,6 +552,28 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def replace_cif_folder(folder: Path, archive: Archive, named: Iterable[tuple[str, int]]) -> list[Path]:
+    """Replace ``folder`` (a screen's or a chemical system's stable/) with CIFs of relaxed candidates.
+
+    ``named``: (file name, candidate id) pairs. A file of that name already in the folder is reused as is:
+    a committed relaxed structure never changes, and symmetrising a CIF costs a spglib call each.
+    """
+    from pymatgen.io.cif import CifWriter
+
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    written = []
+    for name, candidate_id in named:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, staging / name)
+        else:
+            CifWriter(archive.record(candidate_id).relaxed, symprec=0.1).write_file(staging / name)
+        written.append(folder / name)
+    replace_folder(staging, folder)
+    return written
 
 
 def replace_folder(staging: Path, folder: Path) -> None:

@@ -10,15 +10,12 @@ import csv
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
-
-from pymatgen.io.cif import CifWriter
 
 from globopt.archive import Archive
 from globopt.htvs.hull import ScreenedCandidate, StabilityAnalysis
 from globopt.observers import CommitObserver
-from globopt.rundir import replace_folder
+from globopt.rundir import replace_cif_folder
 
 log = logging.getLogger("globopt")
 
@@ -116,29 +113,14 @@ def _fmt(value: float | None) -> str:
 def write_stable(
     folder: Path, archive: Archive, ranked: list[ScreenedCandidate], threshold: float
 ) -> list[Path]:
-    """Replace stable/ with CIFs of unique relaxed candidates within ``threshold`` of their hull.
-
-    Files are named by formula, template and id (ranked.csv holds the order) so a file written by an
-    earlier session is reused as is: a committed relaxed structure never changes, and symmetrising CIFs
-    costs a spglib call each.
-    """
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    written = []
+    """Replace stable/ with CIFs of unique relaxed candidates within ``threshold`` of their hull, named by
+    formula, template and id (ranked.csv holds the order)."""
+    named = []
     for candidate in ranked:
-        if not _is_stable(candidate, threshold):
-            continue
-        template = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in candidate.template)
-        name = f"{candidate.formula}_{template}_id{candidate.id}.cif"
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, staging / name)
-        else:
-            structure = archive.record(candidate.id).relaxed
-            CifWriter(structure, symprec=0.1).write_file(staging / name)
-        written.append(folder / name)
-    replace_folder(staging, folder)
-    return written
+        if _is_stable(candidate, threshold):
+            template = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in candidate.template)
+            named.append((f"{candidate.formula}_{template}_id{candidate.id}.cif", candidate.id))
+    return replace_cif_folder(folder, archive, named)
 
 
 def write_hull_plots(folder: Path, analysis: StabilityAnalysis) -> list[Path]:

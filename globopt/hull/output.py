@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from globopt.hull.analysis import HullAnalysis, HullPoint
 from globopt.hull.starts import given_entries
 from globopt.hull.tracker import HullTracker
 from globopt.observers import BestSoFar, CommitContext, CommitObserver
-from globopt.rundir import replace_folder
+from globopt.rundir import replace_cif_folder
 
 log = logging.getLogger("globopt")
 
@@ -135,26 +134,9 @@ def _cif_name(point: HullPoint) -> str:
 
 
 def write_stable(folder: Path, archive: Archive, analysis: HullAnalysis, threshold: float) -> list[Path]:
-    """Replace stable/ with CIFs of the run's structures within ``threshold`` of the hull.
-
-    A file written by an earlier call is reused as is: a committed relaxed structure never changes, and
-    symmetrising a CIF costs a spglib call.
-    """
-    from pymatgen.io.cif import CifWriter
-
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    written = []
-    for point in analysis.near(threshold):
-        name = _cif_name(point)
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, staging / name)
-        else:
-            CifWriter(archive.record(point.candidate_id).relaxed, symprec=0.1).write_file(staging / name)
-        written.append(folder / name)
-    replace_folder(staging, folder)
-    return written
+    """Replace stable/ with CIFs of the run's structures within ``threshold`` of the hull."""
+    named = [(_cif_name(point), point.candidate_id) for point in analysis.near(threshold)]
+    return replace_cif_folder(folder, archive, named)
 
 
 def write_hull_plot(path: Path, analysis: HullAnalysis) -> Path | None:
