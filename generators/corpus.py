@@ -235,12 +235,12 @@ def _unique(rows: list[CorpusRow], summary: CorpusSummary) -> list[CorpusRow]:
 
 def _place_on_hull(rows: list[CorpusRow], summary: CorpusSummary) -> None:
     entries = [PDEntry(r.structure.composition, r.energy_per_atom * len(r.structure)) for r in rows]
+    element_sets = [frozenset(el.symbol for el in e.composition.elements) for e in entries]
     diagrams: dict[frozenset[str], PhaseDiagram | None] = {}
-    for row, entry in zip(rows, entries, strict=True):
-        elements = frozenset(el.symbol for el in row.structure.composition.elements)
+    for row, entry, elements in zip(rows, entries, element_sets, strict=True):
         if elements not in diagrams:
-            pool = [e for e in entries if {el.symbol for el in e.composition.elements} <= elements]
-            present = {e.composition.elements[0].symbol for e in pool if len(e.composition.elements) == 1}
+            pool = [e for e, own in zip(entries, element_sets, strict=True) if own <= elements]
+            present = {next(iter(own)) for own in element_sets if len(own) == 1 and own <= elements}
             diagrams[elements] = PhaseDiagram(pool) if present == elements else None
         diagram = diagrams[elements]
         if diagram is not None:
