@@ -35,8 +35,9 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
-from globopt.candidate import Status
+from globopt.htvs.hull import parse_origin
 from globopt.report import open_for_reading
+from globopt.rundir import atomic_write
 
 CORPUS_FORMAT = 1
 COLUMNS = (
@@ -86,15 +87,14 @@ class CorpusSummary:
 
 
 def structure_type_of(origin: str) -> tuple[str, str]:
-    """(structure type, substitution) from an archive origin (see globopt/htvs/hull.py for the forms)."""
-    kind, _, rest = origin.partition(":")
+    """(structure type, substitution) from an archive origin, read with the screen's own parser."""
+    kind, name, substitution = parse_origin(origin)
     if kind == "htvs":
-        template, _, substitution = rest.rpartition(":")
-        return template, substitution.split(" ")[0]
+        return name, substitution.split(" ")[0]
     if kind == "reference":
-        return f"element:{rest}", ""
+        return f"element:{name}", ""
     if kind == "competing":
-        return f"competing:{rest}", ""
+        return f"competing:{name}", ""
     return "search", ""
 
 
@@ -170,9 +170,9 @@ def _read_runs(runs: Sequence[Path], summary: CorpusSummary, max_atoms: int | No
                 if max_atoms is not None and record.n_atoms > max_atoms:
                     summary.dropped_too_large += 1
                     continue
-                structure = record.relaxed
+                structure = record.relaxed  # unique_minima(): relaxed candidates only
                 energy = record.energy_per_atom
-                if structure is None or energy is None or record.status is not Status.RELAXED:
+                if structure is None or energy is None:
                     continue
                 structure_type, substitution = structure_type_of(record.origin)
                 rows.append(
@@ -295,7 +295,7 @@ def _write(
                   "held_out": list(held_out), "by": "structure type (template)"},
         **asdict(summary),
     }  # fmt: skip
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def _write_csv(path: Path, records: list[dict]) -> None:
@@ -306,10 +306,4 @@ def _write_csv(path: Path, records: list[dict]) -> None:
         writer.writerows(records)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
     os.replace(temporary, path)

@@ -131,7 +131,7 @@ class RunDirectory:
                 run._remove_run_files()
             # the archive first: it holds the config, so a kill between the two leaves a resumable run
             Archive.create(run.archive_path, {CONFIG_META: config.to_yaml()})
-            _atomic_write(run.config_path, config.to_yaml())
+            atomic_write(run.config_path, config.to_yaml())
         except ArchiveError as exc:
             run.release_lock()
             raise RunDirError(str(exc)) from None
@@ -310,7 +310,7 @@ class RunDirectory:
             archive.close()
         if not self.config_path.is_file() or self.config_path.read_text() != text:
             try:
-                _atomic_write(self.config_path, text)
+                atomic_write(self.config_path, text)
             except OSError as exc:
                 raise RunDirError(
                     f"cannot write to the run directory {self.path} ({exc}); a run needs it writable "
@@ -545,7 +545,7 @@ def _listing(names: list[str], limit: int = 6) -> list[str]:
     return names[:limit] + ([f"and {len(names) - limit} more"] if len(names) > limit else [])
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)

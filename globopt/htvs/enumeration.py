@@ -73,7 +73,7 @@ class TemplateBlock:
         explicit: ExplicitSubstitutions,
         probable: list[tuple[Mapping, float]],
         config: HtvsConfig,
-        alloys: list[Mapping] = (),
+        alloys: Sequence[Mapping] = (),
     ) -> None:
         self.template = template
         self.explicit = explicit

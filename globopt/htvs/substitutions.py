@@ -137,9 +137,8 @@ def probable_substitutions(
 def alloy_decorations(template: Template, pool: Sequence[str], limit: int, seed: int) -> list[Mapping]:
     """Up to ``limit`` assignments of distinct pool metals to an all-metal template's species.
 
-    None for a template with a non-metal species. The order is a permutation of all assignments fixed by
-    the template's name and ``seed``, so the same config always screens the same decorations (resume
-    relies on it) and a larger ``limit`` extends the list instead of replacing it.
+    An empty list for a template with a non-metal species. The choice is fixed by the template's
+    name and ``seed``, so the same config always screens the same decorations (resume relies on it).
     """
     from pymatgen.core.periodic_table import Element
 
