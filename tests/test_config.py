@@ -265,3 +265,21 @@ def test_damaged_model_folder_is_named_by_validate_and_run(
         assert expected in result.stderr and str(folder) in result.stderr
         assert "copy the complete checkpoint folder again" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_spacegroup_prior_defaults_to_frequency_except_for_chemical_systems() -> None:
+    """The frequency prior is the default where it was measured (fixed composition); a chemical-system
+    search keeps uniform unless the user asks for frequency, and an explicit choice is always kept."""
+    assert RunConfig.model_validate(BASE).random.spacegroup_prior == "frequency"
+    system = {
+        "name": "t",
+        "mode": "ga",
+        "chemical_system": ["Cu", "Au"],
+        "atoms": [1, 4],
+        "potential": {"kind": "emt"},
+    }
+    assert RunConfig.model_validate(system).random.spacegroup_prior == "uniform"
+    chosen = {**system, "random": {"spacegroup_prior": "frequency"}}
+    assert RunConfig.model_validate(chosen).random.spacegroup_prior == "frequency"
+    uniform = {**BASE, "random": {"spacegroup_prior": "uniform"}}
+    assert RunConfig.model_validate(uniform).random.spacegroup_prior == "uniform"
