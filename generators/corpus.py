@@ -35,7 +35,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
-from globopt.htvs.hull import parse_origin
+from globopt.htvs.hull import parse_origin, subsystem_hull
 from globopt.report import open_for_reading
 from globopt.rundir import atomic_write
 
@@ -236,14 +236,12 @@ def _unique(rows: list[CorpusRow], summary: CorpusSummary) -> list[CorpusRow]:
 def _place_on_hull(rows: list[CorpusRow], summary: CorpusSummary) -> None:
     entries = [PDEntry(r.structure.composition, r.energy_per_atom * len(r.structure)) for r in rows]
     element_sets = [frozenset(el.symbol for el in e.composition.elements) for e in entries]
-    diagrams: dict[frozenset[str], PhaseDiagram | None] = {}
+    diagrams: dict[frozenset[str], PhaseDiagram | str] = {}
     for row, entry, elements in zip(rows, entries, element_sets, strict=True):
         if elements not in diagrams:
-            pool = [e for e, own in zip(entries, element_sets, strict=True) if own <= elements]
-            present = {next(iter(own)) for own in element_sets if len(own) == 1 and own <= elements}
-            diagrams[elements] = PhaseDiagram(pool) if present == elements else None
+            diagrams[elements] = subsystem_hull(entries, elements, element_sets)
         diagram = diagrams[elements]
-        if diagram is not None:
+        if isinstance(diagram, PhaseDiagram):  # otherwise an element has no reference: no hull position
             row.e_above_hull = float(diagram.get_e_above_hull(entry))
             summary.on_hull += row.e_above_hull < 1e-6
 

@@ -10,7 +10,7 @@ which keeps every pymatgen ``PhaseDiagram`` low-dimensional however many element
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +112,7 @@ class StabilityAnalysis:
     @functools.cache  # noqa: B019 - one analysis per report, cache dies with it
     def diagram(self, chemsys: str) -> PhaseDiagram | str:
         """The hull of a chemical system, or why there is none (a missing elemental reference)."""
-        elements = set(chemsys.split("-"))
-        pool = [e for e in self.entries if {el.symbol for el in e.composition.elements} <= elements]
-        present = {e.composition.elements[0].symbol for e in pool if len(e.composition.elements) == 1}
-        missing = sorted(elements - present)
-        if missing:
-            return f"no relaxed elemental reference for {', '.join(missing)}: no hull"
-        return PhaseDiagram(pool)
+        return subsystem_hull(self.entries, frozenset(chemsys.split("-")))
 
     def ranked(self) -> list[ScreenedCandidate]:
         """Most stable first; candidates without a hull position last, in enumeration order."""
@@ -134,6 +128,27 @@ class StabilityAnalysis:
 
     def chemical_systems(self) -> list[str]:
         return sorted({c.chemsys for c in self.candidates if c.e_above_hull is not None})
+
+
+def subsystem_hull(
+    entries: Sequence[PDEntry],
+    elements: frozenset[str],
+    element_sets: Sequence[frozenset[str]] | None = None,
+) -> PhaseDiagram | str:
+    """The hull of the entries whose elements lie within ``elements``, or why there is none.
+
+    Every element needs a relaxed elemental entry of its own: formation energies against a reference from
+    elsewhere would mix potentials. ``element_sets`` (each entry's elements, in order) saves recomputing
+    them when one caller builds the hulls of many subsystems from the same entries.
+    """
+    if element_sets is None:
+        element_sets = [frozenset(el.symbol for el in e.composition.elements) for e in entries]
+    pool = [e for e, own in zip(entries, element_sets, strict=True) if own <= elements]
+    present = {next(iter(own)) for own in element_sets if len(own) == 1 and own <= elements}
+    missing = sorted(elements - present)
+    if missing:
+        return f"no relaxed elemental reference for {', '.join(missing)}: no hull"
+    return PhaseDiagram(pool)
 
 
 def load_entries(path: Path) -> list[PDEntry]:
