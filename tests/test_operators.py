@@ -20,7 +20,6 @@ from globopt.search.operators import (
     OPERATORS,
     SOFT_REPAIR_SLACK,
     coordinate_mutation,
-    group_resample,
     heredity,
     lattice_strain,
     permutation,
@@ -90,8 +89,6 @@ def apply(operator: str, name: str, a: int, b: int, rng: np.random.Generator) ->
         return soft_mutation(parents[a], limits, rng)
     if operator == "symmetric":
         return symmetric_mutation(parents[a], limits, rng)
-    if operator == "group_resample":
-        return group_resample(parents[a], content, limits, rng)
     assert operator == "immigrant", f"no test driver for operator {operator!r}"
     made = random_immigrant(content, limits, rng)
     return None if made is None else made[0]
@@ -477,30 +474,3 @@ def test_symmetric_mutation_keeps_the_parents_space_group() -> None:
     assert (
         symmetric_mutation(skewed, geometry_limits({"Ti": 1, "O": 2}, [1, 2], 0.6, (0.4, 8.0)), rng) is None
     )
-
-
-def test_group_resample_draws_a_new_structure_in_the_parents_group() -> None:
-    """Rutile re-drawn in P4_2/mnm: each child has the parent's content, at least the parent's 16 symmetry
-    operations (pyxtal may land on special coordinates of a supergroup) and is not the parent; a P1 parent
-    carries no group to re-draw and is declined."""
-    import spglib
-    from pymatgen.core import Lattice
-
-    rutile = Structure.from_spacegroup(
-        "P4_2/mnm", Lattice.tetragonal(4.59, 2.96), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]
-    )
-    content = {"Ti": 2, "O": 4}
-    limits = geometry_limits(content, [2, 4], 0.6, (0.4, 8.0))
-    rng = np.random.default_rng(2)
-    children = [group_resample(rutile, content, limits, rng) for _ in range(4)]
-    assert all(child is not None for child in children)
-    for child in children:
-        assert validity_problem(child, content, limits) == ""
-        cell = (child.lattice.matrix, child.frac_coords, child.atomic_numbers)
-        operations = spglib.get_symmetry(cell, symprec=1e-3)
-        assert len(operations["rotations"]) >= 16
-        assert not same_structure(child, rutile)
-    skewed = Structure(Lattice([[4.1, 0.3, 0.2], [0.1, 4.4, 0.4], [0.3, 0.2, 3.9]]), ["Ti", "O", "O"],
-                       [[0.02, 0.01, 0.03], [0.31, 0.27, 0.05], [0.66, 0.71, 0.52]])  # fmt: skip
-    small = geometry_limits({"Ti": 1, "O": 2}, [1, 2], 0.6, (0.4, 8.0))
-    assert group_resample(skewed, {"Ti": 1, "O": 2}, small, rng) is None

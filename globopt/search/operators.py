@@ -574,43 +574,6 @@ def symmetric_mutation(
     return None
 
 
-def group_resample(
-    parent: Structure,
-    content: dict[str, int],
-    limits: GeometryLimits,
-    rng: np.random.Generator,
-    symprec: float = 0.1,
-    volume_factor: float = 1.1,
-) -> Structure | None:
-    """A fresh random structure in the parent's space group (and cell: conventional or primitive).
-
-    What a low-energy member carries that heredity cannot pass on is its symmetry: spliced children
-    relax almost always into P1 minima, while the reference structures of a search are nearly all
-    high-symmetric, and the relaxed group of a good member is often the ground state's group or one of
-    its subgroups. Re-drawing the Wyckoff positions in that group keeps the symmetry and samples the
-    rest anew, so the groups that paid off are drawn more often as the search learns them (tournament
-    selection picks the parents). A P1 parent carries no such information: the operator declines it.
-    """
-    from globopt.search.pyxtal_sampling import random_symmetric_structure, symmetry_options
-    from globopt.search.structure_difference import spacegroup_number
-
-    group = spacegroup_number(parent, symprec)
-    if group is None or group <= 1:
-        return None
-    content = {el: n for el, n in content.items() if n}
-    options = symmetry_options(list(content.values()), [group])
-    if not options:
-        return None
-    for _ in range(IMMIGRANT_ATTEMPTS):
-        made = random_symmetric_structure(content, options, rng, volume_factor)
-        if isinstance(made, str):
-            continue
-        result = finish_random(made[0], content, limits)
-        if result is not None:
-            return result
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------
 # immigrants
 
@@ -701,11 +664,6 @@ VARIATION_OPERATORS: dict[str, VariationOperator] = _registry(
         lambda parents, content, limits, rng, ga: symmetric_mutation(
             parents[0], limits, rng, amplitude=ga.coordinate_sigma, strain=ga.strain_sigma
         ),
-    ),
-    VariationOperator(
-        "group_resample",
-        1,
-        lambda parents, content, limits, rng, ga: group_resample(parents[0], content, limits, rng),
     ),
     VariationOperator("immigrant", 0, None),
 )

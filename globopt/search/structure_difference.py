@@ -287,19 +287,6 @@ def _operation_permutation(
     return target
 
 
-def spacegroup_number(structure: Structure, symprec: float = SYMPREC) -> int | None:
-    """The space group spglib finds at ``symprec``; None when it gives up on a distorted cell."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            dataset = spglib.get_symmetry_dataset(
-                (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers), symprec=symprec
-            )
-        except Exception:  # spglib raises on some degenerate cells instead of returning None
-            return None
-    return None if dataset is None else int(dataset.number)
-
-
 def symmetrized(structure: Structure, symprec: float = SYMPREC) -> Structure:
     """Average metric and positions over the operations spglib finds at ``symprec``.
 
