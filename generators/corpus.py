@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -297,11 +297,8 @@ def _write(
 
 
 def _write_csv(path: Path, records: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write(path, text.getvalue())
