@@ -35,7 +35,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
-from globopt.htvs.hull import parse_origin, subsystem_hull
+from globopt.htvs.hull import SubsystemHulls, parse_origin
 from globopt.report import open_for_reading
 from globopt.rundir import atomic_write
 
@@ -235,11 +235,12 @@ def _unique(rows: list[CorpusRow], summary: CorpusSummary) -> list[CorpusRow]:
 
 def _place_on_hull(rows: list[CorpusRow], summary: CorpusSummary) -> None:
     entries = [PDEntry(r.structure.composition, r.energy_per_atom * len(r.structure)) for r in rows]
-    element_sets = [frozenset(el.symbol for el in e.composition.elements) for e in entries]
+    hulls = SubsystemHulls(entries)
     diagrams: dict[frozenset[str], PhaseDiagram | str] = {}
-    for row, entry, elements in zip(rows, entries, element_sets, strict=True):
+    for row, entry in zip(rows, entries, strict=True):
+        elements = frozenset(el.symbol for el in entry.composition.elements)
         if elements not in diagrams:
-            diagrams[elements] = subsystem_hull(entries, elements, element_sets)
+            diagrams[elements] = hulls.hull(elements)
         diagram = diagrams[elements]
         if isinstance(diagram, PhaseDiagram):  # otherwise an element has no reference: no hull position
             row.e_above_hull = float(diagram.get_e_above_hull(entry))

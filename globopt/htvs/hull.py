@@ -10,6 +10,8 @@ which keeps every pymatgen ``PhaseDiagram`` low-dimensional however many element
 from __future__ import annotations
 
 import functools
+import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,7 @@ class StabilityAnalysis:
             by_id[candidate.id] = candidate
         for path in entries_files:
             self.entries.extend(load_entries(path))
+        self._hulls = SubsystemHulls(self.entries)
         self._place_on_hulls(by_id)
 
     def _place_on_hulls(self, by_id: dict[int, ScreenedCandidate]) -> None:
@@ -112,7 +115,7 @@ class StabilityAnalysis:
     @functools.cache  # noqa: B019 - one analysis per report, cache dies with it
     def diagram(self, chemsys: str) -> PhaseDiagram | str:
         """The hull of a chemical system, or why there is none (a missing elemental reference)."""
-        return subsystem_hull(self.entries, frozenset(chemsys.split("-")))
+        return self._hulls.hull(frozenset(chemsys.split("-")))
 
     def ranked(self) -> list[ScreenedCandidate]:
         """Most stable first; candidates without a hull position last, in enumeration order."""
@@ -130,25 +133,43 @@ class StabilityAnalysis:
         return sorted({c.chemsys for c in self.candidates if c.e_above_hull is not None})
 
 
-def subsystem_hull(
-    entries: Sequence[PDEntry],
-    elements: frozenset[str],
-    element_sets: Sequence[frozenset[str]] | None = None,
-) -> PhaseDiagram | str:
-    """The hull of the entries whose elements lie within ``elements``, or why there is none.
+class SubsystemHulls:
+    """The hull of any chemical subsystem of a set of entries, the entries grouped once by element set.
 
-    Every element needs a relaxed elemental entry of its own: formation energies against a reference from
-    elsewhere would mix potentials. ``element_sets`` (each entry's elements, in order) saves recomputing
-    them when one caller builds the hulls of many subsystems from the same entries.
+    A screen over many elements touches thousands of subsystems; gathering each one's pool from the groups
+    of its element subsets costs the size of that pool, where a scan of every entry per subsystem made the
+    ranking of a large screen quadratic (3,000 entries, 2,272 subsystems: 19 s, nearly all in the scan).
     """
-    if element_sets is None:
-        element_sets = [frozenset(el.symbol for el in e.composition.elements) for e in entries]
-    pool = [e for e, own in zip(entries, element_sets, strict=True) if own <= elements]
-    present = {next(iter(own)) for own in element_sets if len(own) == 1 and own <= elements}
-    missing = sorted(elements - present)
-    if missing:
-        return f"no relaxed elemental reference for {', '.join(missing)}: no hull"
-    return PhaseDiagram(pool)
+
+    def __init__(self, entries: Sequence[PDEntry]) -> None:
+        self.entries = list(entries)
+        self._groups: dict[frozenset[str], list[int]] = defaultdict(list)
+        for index, entry in enumerate(self.entries):
+            self._groups[frozenset(el.symbol for el in entry.composition.elements)].append(index)
+
+    def hull(self, elements: frozenset[str]) -> PhaseDiagram | str:
+        """The hull of the entries whose elements lie within ``elements``, or why there is none.
+
+        Every element needs a relaxed elemental entry of its own: formation energies against a reference
+        from elsewhere would mix potentials.
+        """
+        if 2 ** len(elements) <= len(self._groups):
+            ordered = sorted(elements)
+            within = [
+                frozenset(subset)
+                for size in range(1, len(ordered) + 1)
+                for subset in itertools.combinations(ordered, size)
+                if frozenset(subset) in self._groups
+            ]
+        else:
+            within = [own for own in self._groups if own <= elements]
+        present = {next(iter(own)) for own in within if len(own) == 1}
+        missing = sorted(elements - present)
+        if missing:
+            return f"no relaxed elemental reference for {', '.join(missing)}: no hull"
+        # the entries' own order, so a hull does not depend on how it was gathered
+        indices = sorted(index for own in within for index in self._groups[own])
+        return PhaseDiagram([self.entries[index] for index in indices])
 
 
 def load_entries(path: Path) -> list[PDEntry]:
