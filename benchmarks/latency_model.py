@@ -159,9 +159,8 @@ def _sleep_until(deadline: float, on_step: Callable[[int, float], None] | None) 
 
 
 def install(model: LatencyModel) -> None:
-    """Make every ``evaluate`` of this process the latency model (worker ranks and the serial backend)."""
+    """Make every ``evaluate`` of this process the latency model (worker ranks and the serial backend reach
+    it through ``evaluate_task``, which still makes the duplicate comparisons a task carries)."""
     import globopt.evaluator.evaluate as evaluate_module
-    import globopt.scheduler as scheduler_module
 
     evaluate_module.evaluate = model.evaluate
-    scheduler_module.evaluate = model.evaluate

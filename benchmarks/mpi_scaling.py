@@ -43,6 +43,7 @@ SUMMARY = re.compile(
 )
 WINDOW = re.compile(
     r"rank 0: (?P<cpu_ms>[\d.]+) ms CPU per evaluation over evaluations (?P<first>\d+)-(?P<last>\d+)"
+    r"(?: \((?P<proposals>[\d.]+) proposals per evaluation\))?"
 )
 
 
@@ -83,8 +84,11 @@ def case_config(case: str, evaluations: int, seed: int) -> dict:
 
 
 def rank_entry(mean: float, argv: list[str]) -> int:
-    """What every rank runs: the latency model in place of relaxations, then globopt's own command line."""
-    sys.path.insert(0, str(REPO))
+    """What every rank runs: the latency model in place of relaxations, then globopt's own command line.
+
+    The checkout to measure comes first on the path (PYTHONPATH, set by ``run``), this one only after it.
+    """
+    sys.path.append(str(REPO))
     from benchmarks.latency_model import LatencyModel, install
     from globopt.cli import main
 
@@ -121,7 +125,11 @@ def run(case: str, ranks: int, mean: float, evaluations: int, seed: int, worktre
         raise SystemExit(f"no MPI summary line in the log:\n{log[-3000:]}")
     n = {k: float(v) for k, v in match.groupdict().items()}
     windows = [
-        {"evaluations": f"{w['first']}-{w['last']}", "rank0_cpu_ms": float(w["cpu_ms"])}
+        {
+            "evaluations": f"{w['first']}-{w['last']}",
+            "rank0_cpu_ms": float(w["cpu_ms"]),
+            "proposals_per_evaluation": float(w["proposals"]) if w["proposals"] else None,
+        }
         for w in WINDOW.finditer(log)
     ]
     phases = re.search(r"rank-0 CPU per evaluation: (.*)", log)

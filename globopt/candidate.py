@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pymatgen.core import Structure
+import numpy as np
+from pymatgen.core import Lattice, Structure
 
 
 class Status(StrEnum):
@@ -76,6 +77,28 @@ class RelaxTask:
     # random structures the worker builds after the relaxation, for rank 0's next proposals
     # (search/random_stream.RandomRecipe); never part of the archive
     generate: tuple[Any, ...] = ()
+    # archived structures the worker compares this one with before relaxing it
+    # (ArchivedCell, compared in evaluator/compare.py; empty when rank 0 screened it itself)
+    compare_with: tuple[ArchivedCell, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchivedCell:
+    """An archived structure's reduced cell (duplicates.reduced_for_matching) as plain arrays: pickling
+    these costs rank 0 a small fraction of pickling pymatgen Structures."""
+
+    candidate_id: int
+    lattice: np.ndarray  # 3 x 3, rows are the cell vectors
+    species: tuple[str, ...]
+    frac_coords: np.ndarray  # n x 3
+
+    @classmethod
+    def of(cls, candidate_id: int, reduced: Structure) -> ArchivedCell:
+        species = tuple(site.species_string for site in reduced)
+        return cls(candidate_id, reduced.lattice.matrix.copy(), species, reduced.frac_coords.copy())
+
+    def structure(self) -> Structure:
+        return Structure(Lattice(self.lattice), list(self.species), self.frac_coords)
 
 
 @dataclass

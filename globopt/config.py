@@ -306,6 +306,13 @@ class DuplicatesConfig(_Section):
     energy_tol: PositiveFloat = Field(
         0.01, description="eV/atom: relaxed structures further apart never match"
     )
+    max_comparisons: PositiveInt | None = Field(
+        32,
+        description=(
+            "StructureMatcher calls per duplicate query at most, on the structures nearest by fingerprint "
+            "(null: compare every candidate the lattice conditions leave; exact, but grows with the archive)"
+        ),
+    )
 
 
 class AnalysisConfig(_Section):

@@ -6,6 +6,13 @@ field; within a bucket, every entry's cell is held in numpy arrays and tested at
 every StructureMatcher match must meet (:class:`_Bucket`: same primitive-cell size, energy window, the
 lattice-length conditions of :func:`lattice_minima` and :func:`vector_lengths`), so a query costs one
 vectorised pass over its bucket and StructureMatcher runs only on the entries that could match.
+
+Those conditions are weak for unrelaxed cells at the default tolerances (a site may move 0.3 of the mean
+atomic spacing), so in a long search of one composition the entries that pass them grow with the archive.
+Past ``max_comparisons`` of them, StructureMatcher runs only on the ones nearest the query by a
+neighbour-distance fingerprint (:func:`structure_fingerprint`): the cost of a query stays bounded, at the
+price of missing a matching entry that the fingerprint does not rank among the nearest (such a proposal is
+relaxed, and its minimum is then recognised among the relaxed ones, which an energy window keeps small).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from globopt.candidate import ArchivedCell
 
 
 def bucket_key(structure: Structure, symprec: float) -> tuple[str, int]:
@@ -73,15 +82,57 @@ def vector_lengths(reduced: Structure, radius: float) -> np.ndarray:
     return np.sort(distances[distances > 1e-8]) / scale
 
 
+# Neighbours per site and species in the fingerprint: the first shell or two of a 10-30 atom cell.
+FINGERPRINT_NEIGHBOURS = 4
+
+
+def structure_fingerprint(structure: Structure, neighbours: int = FINGERPRINT_NEIGHBOURS) -> np.ndarray:
+    """Distances from each site to its nearest ``neighbours`` sites of each species, at unit spacing.
+
+    For every pair of species (A, B) the distances from all A sites to their nearest B sites are sorted
+    into one block, and the blocks are concatenated in species order: invariant to the choice of cell,
+    origin and site order, and continuous in the positions, so structures StructureMatcher calls the same
+    have nearby fingerprints more often than not. Lengths are in units of (volume per atom)^(1/3), the
+    scale StructureMatcher compares at. Only compared between structures of one reduced formula and
+    primitive size (one bucket), which have fingerprints of the same length.
+    """
+    n = len(structure)
+    spacing = (structure.volume / n) ** (1 / 3)
+    names = sorted({site.species_string for site in structure})
+    labels = np.array([names.index(site.species_string) for site in structure])
+    n_species = len(names)
+    radius = 2.0 * spacing
+    groups = np.arange(n * n_species)
+    for _ in range(8):
+        centres, others, _, distances = structure.get_neighbor_list(radius)
+        keep = distances > 1e-8
+        group = centres[keep] * n_species + labels[others[keep]]
+        order = np.lexsort((distances[keep], group))
+        group, distances = group[order], distances[keep][order]
+        starts = np.searchsorted(group, groups, side="left")
+        counts = np.searchsorted(group, groups, side="right") - starts
+        if counts.min() >= neighbours:
+            nearest = distances[starts[:, None] + np.arange(neighbours)].reshape(n, n_species, neighbours)
+            pairs = [(a, b) for a in range(n_species) for b in range(n_species)]
+            blocks = [np.sort(nearest[labels == a, b, :].ravel()) for a, b in pairs]
+            return np.concatenate(blocks) / spacing
+        radius *= 1.5
+    # a cell too sparse for this many neighbours in any sane radius: it is compared without a fingerprint
+    return np.zeros(0)
+
+
 class _Bucket:
     """Entries of one bucket in insertion order, with their cell data as arrays for vectorised tests."""
 
     def __init__(self) -> None:
-        self.entries: list[_Entry] = []
+        self.entries: list[_Entry | None] = []  # None: removed
         self._size = 0
         self._lengths = np.zeros((8, 3))
         self._sites = np.zeros(8, dtype=np.int64)
         self._energy = np.full(8, np.nan)
+        self._ids = np.zeros(8, dtype=np.int64)
+        # fingerprints as rows, one matrix per fingerprint length, filled in when a query first needs them
+        self._fingerprints: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # length -> (rows, filled)
 
     def __len__(self) -> int:
         return self._size
@@ -91,6 +142,10 @@ class _Bucket:
             self._lengths = np.concatenate([self._lengths, np.zeros_like(self._lengths)])
             self._sites = np.concatenate([self._sites, np.zeros_like(self._sites)])
             self._energy = np.concatenate([self._energy, np.full(len(self._energy), np.nan)])
+            self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+            for length, (rows, filled) in list(self._fingerprints.items()):
+                grown_rows = np.concatenate([rows, np.zeros_like(rows)])
+                self._fingerprints[length] = (grown_rows, np.append(filled, np.zeros_like(filled)))
         self.entries.append(entry)
         self._set(self._size, entry)
         self._size += 1
@@ -99,7 +154,15 @@ class _Bucket:
         self.entries[index] = entry
         self._set(index, entry)
 
+    def remove(self, index: int) -> None:
+        """Leave a hole: no query's site count is -1, so the entry is never a candidate again."""
+        self.entries[index] = None
+        self._sites[index] = -1
+
     def _set(self, index: int, entry: _Entry) -> None:
+        for _, filled in self._fingerprints.values():
+            filled[index] = False
+        self._ids[index] = entry.candidate_id
         self._lengths[index] = entry.lengths
         self._sites[index] = len(entry.reduced)
         self._energy[index] = np.nan if entry.energy is None else entry.energy
@@ -112,8 +175,8 @@ class _Bucket:
         bound: float,
         energy: float | None,
         energy_tol: float,
-    ) -> list[_Entry]:
-        """Entries that pass every necessary condition of a match, in insertion order."""
+    ) -> np.ndarray:
+        """Positions of the entries that pass every necessary condition of a match, in insertion order."""
         n = self._size
         lengths = self._lengths[:n]
         keep = self._sites[:n] == n_sites
@@ -129,7 +192,27 @@ class _Bucket:
                 low = np.searchsorted(available, wanted / bound, side="right")
                 high = np.searchsorted(available, wanted * bound, side="left")
                 keep &= high > low
-        return [self.entries[i] for i in np.flatnonzero(keep)]
+        return np.flatnonzero(keep)
+
+    def ids(self, positions: np.ndarray) -> np.ndarray:
+        return self._ids[positions]
+
+    def nearest(self, positions: np.ndarray, query: np.ndarray, count: int) -> np.ndarray:
+        """The ``count`` of ``positions`` nearest ``query`` by fingerprint (mean absolute difference),
+        nearest first, ties in insertion order. Entries without a comparable fingerprint come last."""
+        length = len(query)
+        if length not in self._fingerprints:
+            capacity = len(self._sites)
+            self._fingerprints[length] = (np.zeros((capacity, length)), np.zeros(capacity, dtype=bool))
+        rows, filled = self._fingerprints[length]
+        for position in positions[~filled[positions]]:
+            fingerprint = structure_fingerprint(self.entries[position].reduced)
+            rows[position] = fingerprint if len(fingerprint) == length and length else np.inf
+            filled[position] = True
+        if not length:
+            return positions[:count]
+        distances = np.abs(rows[positions] - query).mean(axis=1)
+        return positions[np.argsort(distances, kind="stable")[:count]]
 
 
 @dataclass
@@ -138,6 +221,14 @@ class _Entry:
     reduced: Structure  # see reduced_for_matching
     energy: float | None
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(3))  # see cell_lengths
+    _cell: ArchivedCell | None = None
+
+    @property
+    def cell(self) -> ArchivedCell:
+        """The reduced cell as a worker receives it to compare a task with (evaluator/compare.py)."""
+        if self._cell is None:
+            self._cell = ArchivedCell.of(self.candidate_id, self.reduced)
+        return self._cell
 
 
 class DuplicateIndex:
@@ -151,9 +242,13 @@ class DuplicateIndex:
         energy_tol: float,
         symprec: float,
         bucket_by_spacegroup: bool = True,
+        max_comparisons: int | None = None,
     ) -> None:
         """Relaxed structures are bucketed by formula and energy only: a slightly distorted copy of a
-        minimum can get another space group at a given symprec, yet it is the same minimum."""
+        minimum can get another space group at a given symprec, yet it is the same minimum.
+
+        ``max_comparisons``: StructureMatcher calls per query at most (None: every entry that passes the
+        lattice conditions, exact but growing with the archive)."""
         self.matcher = StructureMatcher(
             ltol=ltol, stol=stol, angle_tol=angle_tol, primitive_cell=True, scale=True
         )
@@ -164,10 +259,12 @@ class DuplicateIndex:
         self.bucket_by_spacegroup = bucket_by_spacegroup
         self._buckets: dict[tuple[str, int], _Bucket] = defaultdict(_Bucket)
         self._where: dict[int, tuple[tuple[str, int], int]] = {}  # candidate id -> (bucket key, index)
+        self.max_comparisons = max_comparisons
         self.fits = 0  # StructureMatcher calls, for the cost report
+        self.bounded_queries = 0  # queries that compared only the fingerprint-nearest entries
 
     def __len__(self) -> int:
-        return sum(len(bucket) for bucket in self._buckets.values())
+        return len(self._where)
 
     def find(
         self,
@@ -183,23 +280,46 @@ class DuplicateIndex:
         apart in energy are different structures whatever their geometry looks like. ``reduced`` and
         ``minima`` (lattice_minima of it) when the caller has them already, e.g. from a worker.
         """
-        key = key or self.key(structure)
-        bucket = self._buckets.get(key)
+        if reduced is None:
+            reduced = reduced_for_matching(structure)
+        for entry in self.comparisons(structure, energy, key, reduced, minima):
+            self.fits += 1
+            if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
+                return entry.candidate_id
+        return None
+
+    def comparisons(
+        self,
+        structure: Structure,
+        energy: float | None = None,
+        key: tuple[str, int] | None = None,
+        reduced: Structure | None = None,
+        minima: np.ndarray | None = None,
+        before: int | None = None,
+    ) -> list[_Entry]:
+        """The entries a query must be compared with, in the order ``find`` compares them.
+
+        ``before``: only entries of lower candidate id (a re-issued task is compared with what was
+        indexed when it was first handed out, not with proposals made after it).
+        """
+        bucket = self._buckets.get(key or self.key(structure))
         if not bucket:
-            return None
+            return []
         if reduced is None:
             reduced = reduced_for_matching(structure)
         if minima is None:
             minima = lattice_minima(reduced)
         # Without supercell matching, primitive cells of different sizes never match; the lattice
         # conditions are those of lattice_minima and vector_lengths.
-        for entry in bucket.candidates(
+        positions = bucket.candidates(
             len(reduced), minima, reduced, self._minima_bound, energy, self.energy_tol
-        ):
-            self.fits += 1
-            if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
-                return entry.candidate_id
-        return None
+        )
+        if before is not None:
+            positions = positions[bucket.ids(positions) < before]
+        if self.max_comparisons is not None and len(positions) > self.max_comparisons:
+            self.bounded_queries += 1
+            positions = bucket.nearest(positions, structure_fingerprint(reduced), self.max_comparisons)
+        return [bucket.entries[i] for i in positions]
 
     def add(
         self,
@@ -233,10 +353,16 @@ class DuplicateIndex:
         self._buckets[key].replace(index, _Entry(new_id, reduced, energy, cell_lengths(reduced)))
         self._where[new_id] = (key, index)
 
+    def remove(self, candidate_id: int) -> None:
+        """Forget an entry (a proposal a worker found to be a duplicate: a resume would not index it)."""
+        key, index = self._where.pop(candidate_id)
+        self._buckets[key].remove(index)
+
     def lowest(self, count: int) -> list[tuple[int, float, Structure]]:
         """(candidate id, energy, reduced cell) of the ``count`` lowest-energy entries, lowest first."""
         # called once per task with known_minima on: O(n log count), not a full sort of the archive
-        entries = (e for bucket in self._buckets.values() for e in bucket.entries if e.energy is not None)
+        indexed = (e for bucket in self._buckets.values() for e in bucket.entries if e is not None)
+        entries = (e for e in indexed if e.energy is not None)
         lowest = heapq.nsmallest(count, entries, key=lambda e: (e.energy, e.candidate_id))
         return [(e.candidate_id, e.energy, e.reduced) for e in lowest]
 

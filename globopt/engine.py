@@ -22,13 +22,13 @@ import math
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pymatgen.core import Structure
 
 from globopt.archive import Archive
-from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
+from globopt.candidate import ArchivedCell, Evaluation, Proposal, RelaxTask, Status
 from globopt.evaluator.evaluate import EvaluatorSettings
 from globopt.evaluator.known_minima import KnownMinimum
 from globopt.observers import BestSoFar, CommitContext, CommitObserver, ObserverTimes, notify
@@ -104,8 +104,11 @@ class MasterCosts:
         measured = self.proposing + self.screening + self.matching_minima + self.scheduler
         return self.loop - measured - self.observers.total
 
-    def summary(self, evaluations: int, random_here: int, random_elsewhere: int) -> str:
+    def summary(
+        self, evaluations: int, random_here: int, random_elsewhere: int, comparisons: tuple[int, int]
+    ) -> str:
         n = max(evaluations, 1)
+        fits, bounded = comparisons
 
         def ms(seconds: float) -> str:
             return f"{1000 * seconds / n:.2f} ms"
@@ -116,7 +119,9 @@ class MasterCosts:
             f"matching minima {ms(self.matching_minima)}, bookkeeping {ms(self.bookkeeping)}, "
             f"scheduler {ms(self.scheduler)}; observers: {observers or 'none'}; "
             f"{self.proposals / n:.2f} proposals per evaluation; "
-            f"random structures built here {random_here}, on workers {random_elsewhere}"
+            f"random structures built here {random_here}, on workers {random_elsewhere}; "
+            f"{fits / max(self.proposals, 1):.1f} StructureMatcher comparisons per proposal "
+            f"({bounded} queries limited to the fingerprint-nearest)"
         )
 
 
@@ -185,6 +190,9 @@ class Engine:
         self._target_logged = False
         self._force_calls_logged = False
         self._force_calls = 0  # potential calls of committed evaluations (set from the archive in run())
+        # with workers in other processes, duplicate comparisons of proposals are made there (screening.py)
+        self._defer_comparisons = False
+        self._window_proposals = 0  # proposals screened before the current cost window
 
     def _update_best(self, enthalpy: float, candidate_id: int, spacegroup: str | None) -> bool:
         if self.best is None or enthalpy < self.best.enthalpy_per_atom - 1e-9:
@@ -196,7 +204,10 @@ class Engine:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         budget = self.budget.evaluations
-        reissue: deque[RelaxTask] = deque(self.archive.pending_tasks())
+        reissue: deque[RelaxTask] = deque(
+            replace(task, compare_with=self.screen.comparisons_for(task.candidate_id, task.structure))
+            for task in self.archive.pending_tasks()
+        )
         used = used_at_start = self.archive.count_used_potential()
         self._force_calls = self.archive.count_force_calls()
         if reissue:
@@ -213,12 +224,14 @@ class Engine:
         notify(self.observers, self.costs.observers, "run_started", self.archive, self.best, used, total)
         scheduler = make_scheduler(self.settings, self.workers)
         stream = self.search.random_stream if scheduler.runs_elsewhere else None
+        self._defer_comparisons = scheduler.runs_elsewhere
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         potential_seconds = relax_seconds = 0.0
         exhausted = False
         try:
             rejections = 0
+            late_duplicates = 0  # consecutive proposals their workers found to be duplicates
             while True:
                 while scheduler.in_flight < scheduler.capacity and (
                     reissue
@@ -265,10 +278,20 @@ class Engine:
                     if evaluation.status is Status.WORKER_DIED and task.attempt < MAX_ATTEMPTS:
                         log.warning("candidate %d: %s; re-issuing", task.candidate_id, evaluation.reason)
                         retry = RelaxTask(task.candidate_id, task.structure, task.attempt + 1)
+                        retry.compare_with = task.compare_with
                         self.archive.record_attempt(task.candidate_id, retry.attempt)
                         reissue.append(retry)
                         continue
                     self.commit(evaluation)
+                    if not evaluation.status.used_potential:  # a duplicate found by its worker
+                        late_duplicates += 1
+                        if late_duplicates >= MAX_CONSECUTIVE_REJECTIONS:
+                            raise SearchExhausted(
+                                f"{late_duplicates} consecutive candidates were duplicates of archived "
+                                f"structures; loosen duplicates.* in the config"
+                            )
+                        continue
+                    late_duplicates = 0
                     used += 1
                     if (used - used_at_start) % COST_WINDOW == 0:
                         window_cpu = self._log_window_cost(used, window_cpu)
@@ -293,6 +316,7 @@ class Engine:
                     evaluations - used_at_start,
                     random_stream.built_here if random_stream else 0,
                     random_stream.built_elsewhere if random_stream else 0,
+                    self.screen.comparison_counts(),
                 ),
             )
             # Closing checkpoints the WAL into archive.sqlite now, not whenever the garbage collector runs.
@@ -313,11 +337,14 @@ class Engine:
 
     def _log_window_cost(self, used: int, since: float) -> float:
         """Rank 0's whole CPU per evaluation over the last COST_WINDOW evaluations (users sizing a job read
-        how it grows with the archive); returns the new window's start."""
+        how it grows with the archive), and the proposals it screened for them (a search whose proposals
+        are more and more often duplicates costs more per evaluation); returns the new window's start."""
         now = time.process_time()
+        proposals = self.costs.proposals - self._window_proposals
+        self._window_proposals = self.costs.proposals
         log.info(
-            "rank 0: %.2f ms CPU per evaluation over evaluations %d-%d",
-            1000 * (now - since) / COST_WINDOW, used - COST_WINDOW + 1, used,
+            "rank 0: %.2f ms CPU per evaluation over evaluations %d-%d (%.2f proposals per evaluation)",
+            1000 * (now - since) / COST_WINDOW, used - COST_WINDOW + 1, used, proposals / COST_WINDOW,
         )  # fmt: skip
         return now
 
@@ -354,14 +381,14 @@ class Engine:
         if chosen is None:
             return None
         self.screen.index_proposal(chosen.candidate_id, chosen.structure, chosen.screened)
-        return self._task(chosen.candidate_id, chosen.structure)
+        return self._task(chosen.candidate_id, chosen.structure, chosen.screened.compare_with)
 
     def propose_pending(self) -> PendingCandidate | None:
         """One proposal through the screens: stored as pending if it passes, recorded (and None) if not."""
         proposal = self._propose()
         cpu = time.process_time()
         try:
-            verdict = self.screen.screen(proposal)
+            verdict = self.screen.screen(proposal, self._defer_comparisons)
         finally:
             self.costs.screening += time.process_time() - cpu
         if isinstance(verdict, ScreenedOut):
@@ -378,7 +405,9 @@ class Engine:
             self.costs.proposing += time.process_time() - cpu
             self.costs.proposals += 1
 
-    def _task(self, candidate_id: int, structure: Structure) -> RelaxTask:
+    def _task(
+        self, candidate_id: int, structure: Structure, compare_with: tuple[ArchivedCell, ...] = ()
+    ) -> RelaxTask:
         best = self.search.best_known_enthalpy(structure)
         if best is None and self.best is not None:
             best = self.best.enthalpy_per_atom
@@ -387,7 +416,10 @@ class Engine:
             minima = tuple(
                 KnownMinimum(*entry) for entry in self.screen.lowest_minima(self.known_minima_count)
             )
-        return RelaxTask(candidate_id, structure, best_enthalpy_per_atom=best, known_minima=minima)
+        return RelaxTask(
+            candidate_id, structure, best_enthalpy_per_atom=best, known_minima=minima,
+            compare_with=compare_with,
+        )  # fmt: skip
 
     def _submit(self, scheduler: Scheduler, task: RelaxTask) -> None:
         cpu = time.process_time()
@@ -434,6 +466,9 @@ class Engine:
         the observers."""
         duplicate_of = supersedes = None
         new_best = False
+        if evaluation.status is Status.DUPLICATE:  # compared on its worker before relaxing
+            self.screen.forget_proposal(evaluation.candidate_id)
+            duplicate_of = evaluation.duplicate_of
         if evaluation.status is Status.RELAXED:
             cpu = time.process_time()
             duplicate_of, supersedes = self.screen.classify_minimum(evaluation)

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures.process import BrokenProcessPool
 
 from globopt.candidate import Evaluation, RelaxTask, Status
-from globopt.evaluator.evaluate import EvaluatorSettings, evaluate, prepare_worker
+from globopt.evaluator.evaluate import EvaluatorSettings, evaluate_task, prepare_worker
 
 
 class Scheduler(ABC):
@@ -67,7 +67,7 @@ class SerialScheduler(Scheduler):
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:
         if self._batch is None:
             task = self._queue.pop(0)
-            return [(task, evaluate(task, self.settings))]
+            return [(task, evaluate_task(task, self.settings))]
         while len(self._batch):
             finished = self._batch.step()
             if finished:
@@ -103,10 +103,10 @@ class ProcessPoolScheduler(Scheduler):
 
     def submit(self, task: RelaxTask) -> None:
         try:
-            future = self._pool.submit(evaluate, task, self.settings)
+            future = self._pool.submit(evaluate_task, task, self.settings)
         except BrokenProcessPool:  # a worker died since the last collect()
             self._restart_pool()
-            future = self._pool.submit(evaluate, task, self.settings)
+            future = self._pool.submit(evaluate_task, task, self.settings)
         self._futures[future] = task
 
     def collect(self) -> list[tuple[RelaxTask, Evaluation]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pymatgen.core import Structure
 
 from globopt.archive import SCREENED_OUT, Archive
-from globopt.candidate import Evaluation, Proposal, Status
+from globopt.candidate import ArchivedCell, Evaluation, Proposal, Status
 from globopt.duplicates import DuplicateIndex, lattice_minima, reduced_for_matching
 from globopt.geometry import geometry_problem
 from globopt.search.base import SearchAlgorithm
@@ -22,10 +22,12 @@ from globopt.search.base import SearchAlgorithm
 
 @dataclass
 class Screened:
-    """A proposal that passed: the duplicate-index key and reduced cell, so indexing it costs nothing more."""
+    """A proposal that passed: the duplicate-index key and reduced cell, so indexing it costs nothing more,
+    and the archived cells its worker must still compare it with (when the comparisons were deferred)."""
 
     key: tuple
     reduced: Structure
+    compare_with: tuple[ArchivedCell, ...] = ()
 
 
 @dataclass
@@ -46,17 +48,24 @@ class ProposalScreen:
         angle_tol: float,
         energy_tol: float,
         symprec: float,
+        max_comparisons: int | None = None,
     ) -> None:
         self.search = search
-        self.initial_index = DuplicateIndex(ltol, stol, angle_tol, energy_tol, symprec)
-        self.relaxed_index = DuplicateIndex(
-            ltol, stol, angle_tol, energy_tol, symprec, bucket_by_spacegroup=False
+        self.initial_index = DuplicateIndex(
+            ltol, stol, angle_tol, energy_tol, symprec, max_comparisons=max_comparisons
         )
+        self.relaxed_index = DuplicateIndex(
+            ltol, stol, angle_tol, energy_tol, symprec, bucket_by_spacegroup=False,
+            max_comparisons=max_comparisons,
+        )  # fmt: skip
 
     @classmethod
     def from_config(cls, search: SearchAlgorithm, config) -> ProposalScreen:
         dup = config.duplicates
-        return cls(search, dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, config.analysis.symprec)
+        return cls(
+            search, dup.ltol, dup.stol, dup.angle_tol, dup.energy_tol, config.analysis.symprec,
+            dup.max_comparisons,
+        )  # fmt: skip
 
     def rebuild(self, archive: Archive) -> list[tuple[float, int, str | None]]:
         """Index every archived candidate; returns (enthalpy, id, space group) of each unique minimum."""
@@ -69,11 +78,14 @@ class ProposalScreen:
                 minima.append((record.enthalpy_per_atom, record.id, record.spacegroup))
         return minima
 
-    def screen(self, proposal: Proposal) -> Screened | ScreenedOut:
+    def screen(self, proposal: Proposal, defer_comparisons: bool = False) -> Screened | ScreenedOut:
         """Geometry, then duplicates among the proposed and among the minima.
 
         A proposal built on a worker arrives with its geometry verdict, key and reduced cell
-        (``Proposal.screening``), computed there with the same limits and symprec.
+        (``Proposal.screening``), computed there with the same limits and symprec. With
+        ``defer_comparisons`` (workers in other processes) no StructureMatcher runs here: the archived
+        cells it must be compared with go to its worker (evaluator/compare.py), in the order they would
+        have been compared here.
         """
         prepared = proposal.screening
         if prepared is not None:
@@ -88,6 +100,11 @@ class ProposalScreen:
             key = self.initial_index.key(proposal.structure)
             reduced = reduced_for_matching(proposal.structure)
             minima = lattice_minima(reduced)
+        if defer_comparisons:
+            entries = self.initial_index.comparisons(
+                proposal.structure, key=key, reduced=reduced, minima=minima
+            ) + self.relaxed_index.comparisons(proposal.structure, reduced=reduced, minima=minima)
+            return Screened(key, reduced, tuple(entry.cell for entry in entries))
         match = self.initial_index.find(
             proposal.structure, key=key, reduced=reduced, minima=minima
         ) or self.relaxed_index.find(proposal.structure, reduced=reduced, minima=minima)
@@ -98,6 +115,20 @@ class ProposalScreen:
     def index_proposal(self, candidate_id: int, structure: Structure, screened: Screened) -> None:
         """A proposal that will be relaxed: later proposals of the same structure are duplicates."""
         self.initial_index.add(candidate_id, structure, key=screened.key, reduced=screened.reduced)
+
+    def forget_proposal(self, candidate_id: int) -> None:
+        """A proposal its worker found to be a duplicate: out of the index, as a resume would leave it."""
+        self.initial_index.remove(candidate_id)
+
+    def comparisons_for(self, candidate_id: int, structure: Structure) -> tuple[ArchivedCell, ...]:
+        """What a pending candidate handed out again after a resume is compared with: the proposals indexed
+        before it and the minima known now (its first worker may have been killed before comparing)."""
+        reduced = reduced_for_matching(structure)
+        minima = lattice_minima(reduced)
+        entries = self.initial_index.comparisons(
+            structure, reduced=reduced, minima=minima, before=candidate_id
+        ) + self.relaxed_index.comparisons(structure, reduced=reduced, minima=minima)
+        return tuple(entry.cell for entry in entries)
 
     def classify_minimum(self, evaluation: Evaluation) -> tuple[int | None, int | None]:
         """(duplicate_of, supersedes) for a relaxed structure.
@@ -123,6 +154,11 @@ class ProposalScreen:
             self.relaxed_index.replace(match, candidate_id, structure, energy, reduced=reduced)
             return None, match
         return match, None
+
+    def comparison_counts(self) -> tuple[int, int]:
+        """(StructureMatcher calls, queries limited to the fingerprint-nearest entries) so far."""
+        indexes = (self.initial_index, self.relaxed_index)
+        return sum(i.fits for i in indexes), sum(i.bounded_queries for i in indexes)
 
     def lowest_minima(self, count: int) -> list[tuple]:
         """The ``count`` lowest unique minima as (id, structure, enthalpy) entries (DuplicateIndex.lowest)."""

@@ -18,7 +18,7 @@ from globopt.candidate import RelaxTask, Status
 from globopt.evaluator.batch_evaluate import BatchEvaluator
 from globopt.evaluator.batch_relax import BatchRelaxer
 from globopt.evaluator.batch_size import BatchLimits, batch_limits
-from globopt.evaluator.evaluate import EvaluatorSettings, evaluate
+from globopt.evaluator.evaluate import EvaluatorSettings, evaluate, evaluate_task
 from globopt.evaluator.relax import RelaxSettings, relax
 from globopt.geometry import geometry_limits
 
@@ -216,3 +216,41 @@ def test_batched_m3gnet_relaxations_equal_the_single_path(models_dir: Path) -> N
         assert abs(got.energy - expected.energy) / n < 1e-3
         assert abs(got.n_steps - expected.n_steps) <= max(3, 0.1 * expected.n_steps)
     assert all(o.converged for o in single)
+
+
+def test_a_task_matching_an_archived_cell_it_came_with_is_a_duplicate_without_a_relaxation() -> None:
+    """Workers make the duplicate comparisons rank 0 deferred to them (RelaxTask.compare_with): a match is
+    a ``duplicate`` outcome with no potential call, on the single and the batched path alike; a task whose
+    cells do not match is relaxed as if it had come without them."""
+    import numpy as np
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from globopt.candidate import ArchivedCell
+    from globopt.duplicates import reduced_for_matching
+
+    structures = [AseAtomsAdaptor.get_structure(a) for a in _cells()]
+    start = structures[0]
+    shifts = np.random.default_rng(4).normal(0, 0.01, (len(start), 3))
+    archived = Structure(start.lattice, start.species, start.cart_coords + shifts, coords_are_cartesian=True)
+    cell = ArchivedCell.of(7, reduced_for_matching(archived))
+    other = ArchivedCell.of(8, reduced_for_matching(structures[2]))
+    settings = EvaluatorSettings(BATCHED_EMT, _settings(), seed=2)
+    tasks = [
+        RelaxTask(1, structures[0], compare_with=(other, cell)),
+        RelaxTask(2, structures[1], compare_with=(cell,)),
+    ]
+
+    single = {task.candidate_id: evaluate_task(task, settings) for task in tasks}
+    batch = BatchEvaluator(settings, BatchLimits(3))
+    for task in tasks:
+        batch.submit(task)
+    batched = {}
+    while len(batch):
+        batched.update({task.candidate_id: evaluation for task, evaluation in batch.step()})
+    for results in (single, batched):
+        assert results[1].status is Status.DUPLICATE and results[1].duplicate_of == 7
+        assert results[1].n_force_calls == 0 and results[1].relaxed is None
+        assert "candidate 7" in results[1].reason
+        assert results[2].status is not Status.DUPLICATE and results[2].n_force_calls > 0
+    assert batched[2].energy == evaluate(RelaxTask(2, structures[1]), settings).energy

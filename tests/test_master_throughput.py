@@ -22,12 +22,13 @@ from globopt.duplicates import (
     cell_lengths,
     lattice_minima,
     reduced_for_matching,
+    structure_fingerprint,
 )
 from globopt.geometry import geometry_limits, geometry_problem
 from globopt.search.random_search import RandomSymmetricSearch
 from globopt.search.random_stream import RandomStream, build_for_screening
 from globopt.structure_codec import structure_from_json
-from tests.helpers import emt_config
+from tests.helpers import emt_config, write_config
 
 CONTENT = {"Cu": 2, "Au": 2}
 LIMITS = geometry_limits(CONTENT, CONTENT.values(), 0.7, (0.6, 3.0))
@@ -114,6 +115,57 @@ def test_duplicate_index_still_finds_a_strained_copy() -> None:
     assert index.find(copy, key=index.key(structure)) == 1
 
 
+def test_fingerprint_ignores_the_choice_of_cell_origin_and_site_order() -> None:
+    structure = _stream().next().structure
+    reference = structure_fingerprint(structure)
+    shifted = structure.copy()
+    shifted.translate_sites(list(range(len(shifted))), [0.31, 0.17, 0.58])
+    shuffled = Structure.from_sites([shifted[i] for i in np.random.default_rng(0).permutation(len(shifted))])
+    for other in (
+        reduced_for_matching(structure),
+        shuffled,
+        structure.copy().scale_lattice(2 * structure.volume),
+    ):
+        assert np.allclose(structure_fingerprint(other), reference)
+    assert not np.allclose(structure_fingerprint(_stream().next().structure), reference[::-1])
+
+
+def _one_bucket(count: int) -> list[Structure]:
+    """Rattled copies of one cell: the lattice conditions pass between all of them, the sites differ."""
+    base = reduced_for_matching(_stream().next().structure)
+    rng = np.random.default_rng(7)
+    copies = []
+    for _ in range(count):
+        copy = base.copy()
+        copy.perturb(0.9, min_distance=0.4)
+        copies.append(
+            Structure(copy.lattice, copy.species, copy.frac_coords + rng.normal(0, 0.02, (len(copy), 3)))
+        )
+    return copies
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_bounded_duplicate_query_compares_the_fingerprint_nearest_and_still_finds_the_copy(limit) -> None:
+    """Past max_comparisons, StructureMatcher runs only on the fingerprint-nearest entries: a slightly
+    strained copy of an indexed structure is still found, with at most that many comparisons."""
+    structures = _one_bucket(30)
+    index = DuplicateIndex(0.2, 0.3, 5, 0.05, 0.1, max_comparisons=limit)
+    key = ("Au2Cu2", 1)
+    for candidate_id, structure in enumerate(structures, start=1):
+        index.add(candidate_id, structure, key=key)
+    target = 17
+    copy = _strained_copy(structures[target - 1], np.random.default_rng(3), 0.005)
+    fits_before = index.fits
+    found = index.find(copy, key=key)
+    assert found is not None
+    assert StructureMatcher().fit(copy, structures[found - 1])
+    if limit is not None:
+        assert found == target
+        assert index.fits - fits_before <= limit and index.bounded_queries == 1
+    else:
+        assert index.bounded_queries == 0
+
+
 def test_duplicate_index_lists_the_lowest_minima_lowest_first() -> None:
     index = DuplicateIndex(0.2, 0.3, 5, 0.05, 0.1)
     stream = _stream()
@@ -151,7 +203,7 @@ def test_random_search_proposes_the_same_structures_with_a_process_pool(tmp_path
         rows = db.execute("SELECT initial FROM candidates ORDER BY id").fetchall()
         initial[workers] = [structure_from_json(r[0]) for r in rows]
         log = (out / "globopt.log").read_text()
-        built_on_workers = int(log.split("on workers ")[-1].split()[0])
+        built_on_workers = int(log.split("on workers ")[-1].split()[0].rstrip(";"))
         assert (built_on_workers > 0) == (workers == 2), log[-2000:]
     shared = min(len(initial[1]), len(initial[2]))
     assert shared >= 8
@@ -172,3 +224,58 @@ def test_only_results_wait_for_the_disk(tmp_path: Path) -> None:
     archive.commit_evaluation(Evaluation(pending, Status.FAILED, "boom"), {"n": 2})
     assert synchronous() == 2  # FULL
     archive.close()
+
+
+@pytest.mark.slow
+def test_duplicates_found_by_pool_workers_match_rank_0_screening(tmp_path: Path) -> None:
+    """With workers in other processes, rank 0 defers a proposal's duplicate comparisons to its worker. A
+    random search's proposals do not depend on results, so the serial run (rank 0 compares) and the pool run
+    (workers compare) must propose the same structures and find the same ones duplicates of earlier
+    proposals; the pool run's duplicates cost no potential call and leave the budget for relaxations.
+    Relaxations stop after two steps, so a relaxed structure is its own starting cell (or the cell is one
+    its forces cannot move): whether a minimum has arrived when a proposal is handed out cannot decide a
+    verdict, the earlier proposal decides it, in both runs alike."""
+    statuses = {}
+    for workers in (1, 2):
+        out = tmp_path / f"run{workers}"
+        config = write_config(
+            tmp_path, name=f"cuau{workers}", composition="Cu1Au1", seed=4, mode="random",
+            budget={"evaluations": 10}, potential={"kind": "emt"}, workers=workers,
+            relax={"max_steps": 2, "fmax": 1e-6},
+        )  # fmt: skip
+        assert main(["run", str(config), "--out", str(out)]) == 0
+        db = sqlite3.connect(out / "archive.sqlite")
+        rows = db.execute("SELECT id, status, n_force_calls, worker FROM candidates ORDER BY id").fetchall()
+        statuses[workers] = [r[1] for r in rows]
+        duplicates = [r for r in rows if r[1] == "duplicate"]
+        assert duplicates, "2-atom cells repeat: the test needs duplicates"
+        assert not any(r[2] for r in duplicates)
+        assert sum(r[1] not in ("duplicate", "rejected") for r in rows) == 10
+        if workers == 2:
+            log = (out / "globopt.log").read_text()
+            assert any(r[3] for r in duplicates), "no duplicate was found by a worker"
+            assert "0 queries limited" in log
+    shared = min(len(statuses[1]), len(statuses[2]))
+    is_duplicate = {w: [s == "duplicate" for s in statuses[w][:shared]] for w in statuses}
+    assert is_duplicate[1] == is_duplicate[2]
+
+
+def test_comparisons_of_a_reissued_task_see_only_earlier_proposals_and_removed_ones_never() -> None:
+    """A pending task handed out again after a resume is compared with the proposals indexed before it
+    (not with later ones, which were compared with it); a proposal its worker found to be a duplicate is
+    removed from the index, as a resume's rebuild would leave it out."""
+    structures = _one_bucket(6)
+    index = DuplicateIndex(0.2, 0.3, 5, 0.05, 0.1)
+    key = ("Au2Cu2", 1)
+    for candidate_id, structure in enumerate(structures, start=1):
+        index.add(candidate_id, structure, key=key)
+    query = structures[3]
+    earlier = [e.candidate_id for e in index.comparisons(query, key=key, before=4)]
+    assert earlier and all(i < 4 for i in earlier)
+    everything = {e.candidate_id for e in index.comparisons(query, key=key)}
+    assert set(earlier) < everything
+    index.remove(2)
+    assert 2 not in {e.candidate_id for e in index.comparisons(query, key=key)}
+    assert len(index) == 5
+    cell = index.comparisons(query, key=key)[0].cell
+    assert StructureMatcher().fit(cell.structure(), structures[cell.candidate_id - 1])

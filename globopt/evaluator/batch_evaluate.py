@@ -21,6 +21,7 @@ from globopt.evaluator.evaluate import (
     analyse,
     build_requested,
     prepare,
+    screen_on_worker,
 )
 from surrogates.potentials import batch_potential
 
@@ -40,26 +41,30 @@ class BatchEvaluator:
         self.relaxer = BatchRelaxer(potential, settings.relax)
         self.relaxing: dict[int, RelaxTask] = {}
         self.waiting: deque[RelaxTask] = deque()  # held here until the batch has room
+        # found to be duplicates before relaxing (RelaxTask.compare_with): returned by the next step
+        self.screened: list[tuple[RelaxTask, Evaluation]] = []
 
     def __len__(self) -> int:
-        return len(self.relaxing) + len(self.waiting)
+        return len(self.relaxing) + len(self.waiting) + len(self.screened)
 
     def tasks(self) -> list[RelaxTask]:
-        """Every task this worker holds, relaxing or waiting."""
-        return [*self.relaxing.values(), *self.waiting]
+        """Every task this worker holds, relaxing, waiting or screened out and not yet returned."""
+        return [*self.relaxing.values(), *self.waiting, *(task for task, _ in self.screened)]
 
     def submit(self, task: RelaxTask) -> None:
         self.waiting.append(task)
         self._fill()
 
     def step(self) -> list[tuple[RelaxTask, Evaluation]]:
-        """One batched potential call and optimiser step; the candidates that finished with it."""
-        finished = []
-        for candidate_id, outcome in self.relaxer.step():
-            task = self.relaxing.pop(candidate_id)
-            result = analyse(task, self.settings, outcome)
-            build_requested(task, self.settings, result, self.between)
-            finished.append((task, result))
+        """One batched potential call and optimiser step; the candidates that finished with it (and those
+        found to be duplicates before relaxing)."""
+        finished, self.screened = self.screened, []
+        if self.relaxing:
+            for candidate_id, outcome in self.relaxer.step():
+                task = self.relaxing.pop(candidate_id)
+                result = analyse(task, self.settings, outcome)
+                build_requested(task, self.settings, result, self.between)
+                finished.append((task, result))
         self._fill()
         return finished
 
@@ -71,6 +76,10 @@ class BatchEvaluator:
             if cap is not None and self.relaxing and self.relaxer.atoms_in_flight + len(task.structure) > cap:
                 return
             self.waiting.popleft()
+            duplicate = screen_on_worker(task, self.settings, self.between)
+            if duplicate is not None:
+                self.screened.append((task, duplicate))
+                continue
             atoms, stopper, watch = prepare(task, self.settings)
             self.relaxer.add(task.candidate_id, atoms, stopper, watch, task.best_enthalpy_per_atom)
             self.relaxing[task.candidate_id] = task

@@ -10,7 +10,7 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from globopt.candidate import Evaluation, RelaxTask, Status
+from globopt.evaluator.compare import MatchTolerances, duplicate_before_relaxing
 from globopt.evaluator.early_stop import EarlyStopper, EarlyStopSettings
 from globopt.evaluator.known_minima import KnownMinimaSettings, KnownMinimaWatch
 from globopt.evaluator.relax import RelaxOutcome, RelaxSettings, relax
@@ -49,6 +50,7 @@ class EvaluatorSettings:
     rattle: float = 0.0  # relax.rattle, Å
     seed: int = 0  # the run's seed: with the candidate id it fixes the rattle, so a re-issue repeats it
     batch_size: int | None = None  # relax.batch_size (None: auto); evaluator/batch_size.py decides
+    match_tolerances: MatchTolerances = field(default_factory=MatchTolerances)  # duplicates.*: compare_with
 
 
 def worker_label() -> str:
@@ -65,6 +67,26 @@ def prepare_worker(settings: EvaluatorSettings, torch_threads: int | None = None
     # Tasks may ask for random structures (RelaxTask.generate): importing pyxtal takes seconds, which must
     # not pass between two heartbeats of a task.
     import globopt.search.random_stream  # noqa: F401
+
+
+def evaluate_task(
+    task: RelaxTask, settings: EvaluatorSettings, on_step: Callable[[int, float], None] | None = None
+) -> Evaluation:
+    """What every worker runs for a task: the comparisons rank 0 left to it, then ``evaluate``."""
+    between = None if on_step is None else (lambda: on_step(0, math.nan))
+    duplicate = screen_on_worker(task, settings, between)
+    return duplicate if duplicate is not None else evaluate(task, settings, on_step)
+
+
+def screen_on_worker(
+    task: RelaxTask, settings: EvaluatorSettings, between: Callable[[], None] | None
+) -> Evaluation | None:
+    """The task's ``duplicate`` outcome if it matches an archived structure it came with (the random
+    structures it asks for are built all the same: rank 0 is waiting for them), else None."""
+    duplicate = duplicate_before_relaxing(task, settings.match_tolerances, worker_label())
+    if duplicate is not None:
+        build_requested(task, settings, duplicate, between)
+    return duplicate
 
 
 def evaluate(

@@ -207,7 +207,7 @@ class _Worker:
         self._send(Tag.READY, ready)
 
     def _evaluate(self, task: RelaxTask) -> None:
-        from globopt.evaluator.evaluate import evaluate
+        from globopt.evaluator.evaluate import evaluate_task
 
         if self.settings is None:
             self._report(RuntimeError("MPI worker received a task before its settings"), task.candidate_id)
@@ -216,7 +216,7 @@ class _Worker:
         self._task_id = task.candidate_id
         self._last_beat = time.monotonic()
         try:
-            evaluation = evaluate(task, self.settings, on_step=self._on_step)
+            evaluation = evaluate_task(task, self.settings, on_step=self._on_step)
         except Exception as exc:
             self._report(exc, task.candidate_id)
             return
