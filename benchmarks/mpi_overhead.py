@@ -46,9 +46,10 @@ SUMMARY = re.compile(
 PHASES = re.compile(
     r"rank-0 CPU per evaluation: proposing (?P<proposing>[\d.]+) ms, screening (?P<screening>[\d.]+) ms, "
     r"matching minima (?P<matching_minima>[\d.]+) ms, bookkeeping (?P<bookkeeping>[\d.]+) ms, "
-    r"scheduler (?P<scheduler>[\d.]+) ms, best/ rewrites (?P<best_outputs>[\d.]+) ms; "
+    r"scheduler (?P<scheduler>[\d.]+) ms; observers: .*?; "
     r"(?P<proposals>[\d.]+) proposals per evaluation; "
-    r"random structures built here (?P<random_here>\d+), on workers (?P<random_on_workers>\d+)"
+    r"structures built or prepared ahead on rank 0 (?P<random_here>\d+), "
+    r"on workers (?P<random_on_workers>\d+)"
 )
 
 POTENTIALS = {

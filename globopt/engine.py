@@ -119,7 +119,7 @@ class MasterCosts:
             f"matching minima {ms(self.matching_minima)}, bookkeeping {ms(self.bookkeeping)}, "
             f"scheduler {ms(self.scheduler)}; observers: {observers or 'none'}; "
             f"{self.proposals / n:.2f} proposals per evaluation; "
-            f"random structures built here {random_here}, on workers {random_elsewhere}; "
+            f"structures built or prepared ahead on rank 0 {random_here}, on workers {random_elsewhere}; "
             f"{fits / max(self.proposals, 1):.1f} StructureMatcher comparisons per proposal "
             f"({bounded} queries limited to the fingerprint-nearest)"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
 from pathlib import Path
 
@@ -97,6 +98,50 @@ def test_screen_enumeration_cursor_resumes_exactly() -> None:
         except SearchExhausted:
             break
     assert origins[:7] + rest == origins
+
+
+def test_structures_prepared_ahead_on_workers_change_nothing_but_where_the_work_is_done() -> None:
+    """With workers elsewhere a screen reads ahead and workers prepare the next structures for screening
+    (reduced cell, space-group key, geometry verdict): the proposals, their order, the stored cursor and
+    the prepared data are those of a screen that reads nothing ahead; a resume forgets the read-ahead."""
+    from globopt.duplicates import bucket_key, reduced_for_matching
+    from globopt.search.random_stream import build_for_screening
+
+    config = HtvsConfig.model_validate(
+        {"templates": [{"prototype": "rock salt"}, {"prototype": "perovskite"}],
+         "substitutions": {"Na": ["K", "Mg"], "Cl": ["Br", "O"], "Ca": ["Sr", "Ba"], "Ti": ["Zr"]},
+         "charge_neutral": True}
+    )  # fmt: skip
+    plain = HtvsSearch(Enumeration(config))
+    expected = []
+    while True:
+        try:
+            expected.append((plain.propose(), plain.state_dict()))
+        except SearchExhausted:
+            break
+    ahead = HtvsSearch(Enumeration(config))
+    got, prepared = [], 0
+    while True:
+        recipes = ahead.generation_requests(3, 7)
+        ahead.deliver_generated(build_for_screening(recipes[::-1], ahead.limits, symprec=0.1))
+        try:
+            proposal = ahead.propose()
+        except SearchExhausted:
+            break
+        got.append((proposal, ahead.state_dict()))
+        if proposal.screening is not None:
+            prepared += 1
+            assert proposal.screening.key == bucket_key(proposal.structure, 0.1)
+            assert proposal.screening.reduced.lattice == reduced_for_matching(proposal.structure).lattice
+            assert proposal.screening.structure_json is None  # the archive stores rank 0's own structure
+        if len(got) == 5:
+            resumed = HtvsSearch(Enumeration(config))
+            resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
+            assert resumed.propose().origin == expected[5][0].origin
+    assert [(p.origin, p.structure, state) for p, state in got] == [
+        (p.origin, p.structure, state) for p, state in expected
+    ]
+    assert prepared == len(got) == ahead.random_stream.built_elsewhere
 
 
 def test_substituted_cells_are_rescaled_and_probabilities_give_known_swaps() -> None:
@@ -318,3 +363,36 @@ def test_m3gnet_screen_ranks_known_compounds(tmp_path: Path, models_dir: Path) -
     assert float(rows[("KCl", "rocksalt")]["formation_energy_per_atom"]) < -1.5
     assert any(p.name.startswith("SrTiO3_perovskite_id") for p in (out / "stable").glob("*.cif"))
     assert (out / "hull" / "Ga-As.png").exists() or (out / "hull" / "As-Ga.png").exists()
+
+
+@pytest.mark.slow
+def test_a_screen_under_mpi_ranks_what_a_serial_screen_ranks(tmp_path: Path) -> None:
+    """Under MPI a screen's next structures are prepared for screening on the worker ranks and duplicate
+    comparisons are made there: every structure gets the serial screen's energy above the hull (EMT
+    relaxations are deterministic), and the log says the workers prepared structures. Only whether a
+    structure that relaxes into another's minimum is screened out before relaxing or recognised after it
+    may depend on when that minimum arrived (``duplicate`` against ``relaxed``)."""
+    from test_mpi import _finish, _mpi_globopt
+
+    ranked = {}
+    for label in ("serial", "mpi"):
+        config = htvs_config(tmp_path, label, EMT_SCREEN)
+        out = tmp_path / label
+        if label == "serial":
+            assert main(["run", str(config), "--out", str(out)]) == 0
+        else:
+            process = _mpi_globopt(3, "run", str(config), "--out", str(out), cwd=tmp_path)
+            output = _finish(process, timeout=300)
+            assert process.returncode == 0, output
+            log = (out / "globopt.log").read_text()
+            prepared = int(log.split("prepared ahead on rank 0 ")[-1].split(", on workers ")[1].split(";")[0])
+            assert prepared > 0, log[-2000:]
+        rows = read_csv(out / "ranked.csv")
+        ranked[label] = {(r["formula"], r["template"]): (r["status"], r["e_above_hull"]) for r in rows}
+    assert ranked["mpi"].keys() == ranked["serial"].keys()
+    for key, (status, above) in ranked["serial"].items():
+        other_status, other_above = ranked["mpi"][key]
+        assert status == other_status or {status, other_status} == {"duplicate", "relaxed"}, key
+        assert (above == "") == (other_above == "")
+        if above:
+            assert float(above) == pytest.approx(float(other_above), abs=2e-3), key

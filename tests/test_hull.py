@@ -374,7 +374,7 @@ def test_mpi_run_builds_random_structures_on_workers(tmp_path: Path) -> None:
     process = _mpi_globopt(3, "run", str(config), "--out", str(out), cwd=tmp_path)
     output = _finish(process, timeout=300)
     assert process.returncode == 0, output
-    built = re.search(r"random structures built here (\d+), on workers (\d+)", output)
+    built = re.search(r"prepared ahead on rank 0 (\d+), on workers (\d+)", output)
     assert built and int(built.group(2)) > 0, output
     assert {"Cu", "Au"} <= _stable(out)
     assert len(read_csv(out / "hull.csv")) >= 4

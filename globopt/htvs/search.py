@@ -3,22 +3,120 @@
 The whole state is a cursor into the enumeration plus counters, stored by the engine in the same SQLite
 transaction as each candidate row. After a kill, the engine re-issues the pending rows and this search
 continues after the last stored proposal: every enumerated structure is evaluated exactly once.
+
+Building a substituted cell costs rank 0 little; preparing it for the duplicate screen (Niggli and
+primitive reduction, space group) costs it about a millisecond. With workers in other processes the
+search therefore reads a few structures ahead, and their preparation travels to workers with their tasks
+(:class:`PreparedAhead`, the same mechanism that has random structures built on workers): rank 0 only
+looks the prepared result up when the structure's turn comes, or prepares it itself if it has not arrived.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from pymatgen.core import Structure
 
-from globopt.candidate import Proposal
+from globopt.candidate import ArchivedCell, Proposal, Screening
 from globopt.geometry import GeometryLimits
 from globopt.htvs.enumeration import Enumeration
 from globopt.htvs.limits import composition_limits, envelope_limits
 from globopt.search.base import SearchAlgorithm, SearchExhausted
 
 log = logging.getLogger("globopt")
+
+
+@dataclass(frozen=True)
+class ScreenRecipe:
+    """A screen's structure number ``number``, for a worker to prepare (search/random_stream.py's
+    build_for_screening calls ``build`` and ``screening_limits``)."""
+
+    number: int
+    cell: ArchivedCell  # the structure as plain arrays (candidate_id unused)
+    limits: GeometryLimits  # its composition's geometry limits
+    # the proposal stays rank 0's own structure: the worker's copy is only prepared, never archived
+    keeps_structure = False
+
+    def build(self, limits: GeometryLimits | None):
+        from globopt.search.random_stream import GeneratedStructure
+
+        return GeneratedStructure(self, self.cell.structure(), None)
+
+    def screening_limits(self, limits: GeometryLimits) -> GeometryLimits:
+        return self.limits
+
+
+@dataclass
+class _Upcoming:
+    """A structure read ahead of its turn, with the enumeration cursor just after it."""
+
+    number: int
+    proposal: Proposal
+    block: int
+    index: int
+    skipped: int
+
+
+class PreparedAhead:
+    """The engine's view of a screen's read-ahead (the interface of search/random_stream.RandomStream):
+    which upcoming structures workers should prepare, and their prepared screening data when it arrives."""
+
+    def __init__(self, search: HtvsSearch) -> None:
+        self.search = search
+        self.requested: set[int] = set()
+        self.arrived: dict[int, Screening] = {}
+        self.built_here = 0  # structures prepared by rank 0 (none arrived in time)
+        self.built_elsewhere = 0
+
+    @property
+    def next_index(self) -> int:
+        return self.search.proposed_count
+
+    def requests(self, count: int, lookahead: int) -> list[ScreenRecipe]:
+        wanted = []
+        for upcoming in self.search.read_ahead(lookahead):
+            if len(wanted) >= count:
+                break
+            if upcoming.number not in self.requested and upcoming.number not in self.arrived:
+                self.requested.add(upcoming.number)
+                structure = upcoming.proposal.structure
+                limits = self.search.limits_for(structure)
+                wanted.append(
+                    ScreenRecipe(upcoming.number, ArchivedCell.of(upcoming.number, structure), limits)
+                )
+        return wanted
+
+    def owns(self, recipe: Any) -> bool:
+        return isinstance(recipe, ScreenRecipe)
+
+    def deliver(self, items: Iterable[Any]) -> None:
+        for item in items:
+            number = item.recipe.number
+            self.requested.discard(number)
+            if number >= self.next_index and item.screening is not None:
+                self.arrived[number] = item.screening
+
+    def lost(self, recipes: Iterable[Any]) -> None:
+        for recipe in recipes:
+            self.requested.discard(recipe.number)
+
+    def take(self, number: int) -> Screening | None:
+        """The prepared screening data of structure ``number``, if a worker sent it."""
+        self.requested.discard(number)
+        screening = self.arrived.pop(number, None)
+        if screening is None:
+            self.built_here += 1
+        else:
+            self.built_elsewhere += 1
+        return screening
+
+    def clear(self) -> None:
+        self.requested.clear()
+        self.arrived.clear()
 
 
 class HtvsSearch(SearchAlgorithm):
@@ -43,6 +141,10 @@ class HtvsSearch(SearchAlgorithm):
         self.index = 0
         self.proposed_count = 0
         self.skipped_count = 0
+        # read ahead of the stored cursor (derived, never stored: a resume reads them again)
+        self._ahead: deque[_Upcoming] = deque()
+        self._read = (0, 0, 0)  # block, index, skipped after the last structure read ahead
+        self.random_stream = PreparedAhead(self)
 
     @property
     def size_hint(self) -> int:
@@ -60,26 +162,42 @@ class HtvsSearch(SearchAlgorithm):
         return self._limits_by_formula[formula]
 
     def propose(self) -> Proposal:
+        if self.stop_after is not None and self.proposed_count >= self.stop_after:
+            raise SearchExhausted(f"htvs.stop_after={self.stop_after} structures proposed")
+        upcoming = next(iter(self.read_ahead(1)), None)
+        if upcoming is None:
+            raise SearchExhausted(
+                f"screen enumerated: {self.proposed_count} structures proposed, "
+                f"{self._read[2]} substitutions skipped by filters"
+            )
+        self._ahead.popleft()
+        self.block, self.index, self.skipped_count = upcoming.block, upcoming.index, upcoming.skipped
+        self.proposed_count += 1
+        proposal = upcoming.proposal
+        proposal.screening = self.random_stream.take(upcoming.number)
+        return proposal
+
+    def read_ahead(self, count: int) -> list[_Upcoming]:
+        """The next ``count`` structures to propose (fewer at the end of the enumeration), read now."""
         blocks = self.enumeration.blocks
-        while True:
-            if self.stop_after is not None and self.proposed_count >= self.stop_after:
-                raise SearchExhausted(f"htvs.stop_after={self.stop_after} structures proposed")
-            while self.block < len(blocks) and self.index >= len(blocks[self.block]):
-                self.block += 1
-                self.index = 0
-            if self.block >= len(blocks):
-                raise SearchExhausted(
-                    f"screen enumerated: {self.proposed_count} structures proposed, "
-                    f"{self.skipped_count} substitutions skipped by filters"
-                )
-            item = self.enumeration.item(self.block, self.index)
-            self.index += 1
+        block, index, skipped = self._read
+        while len(self._ahead) < count:
+            while block < len(blocks) and index >= len(blocks[block]):
+                block, index = block + 1, 0
+            if block >= len(blocks):
+                break
+            item = self.enumeration.item(block, index)
+            index += 1
             if item.structure is None:
-                self.skipped_count += 1
+                skipped += 1
                 log.debug("skipped %s: %s", item.origin, item.skipped)
                 continue
-            self.proposed_count += 1
-            return Proposal(item.structure, origin=item.origin)
+            number = self.proposed_count + len(self._ahead)
+            self._ahead.append(
+                _Upcoming(number, Proposal(item.structure, origin=item.origin), block, index, skipped)
+            )
+        self._read = (block, index, skipped)
+        return list(self._ahead)[:count]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -103,3 +221,6 @@ class HtvsSearch(SearchAlgorithm):
         self.index = int(state["index"])
         self.proposed_count = int(state["proposed"])
         self.skipped_count = int(state["skipped"])
+        self._ahead.clear()
+        self._read = (self.block, self.index, self.skipped_count)
+        self.random_stream.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pymatgen.core import Structure
@@ -42,6 +43,16 @@ class RandomRecipe:
     attempts: int  # pyxtal draws before giving up on this number
     # GA immigrants must also pass the operators' validity check (search/operators.py), which needs limits
     check_limits: bool = False
+
+    def build(self, limits: GeometryLimits | None) -> GeneratedStructure:
+        return build(self, limits)
+
+    def screening_limits(self, limits: GeometryLimits) -> GeometryLimits:
+        """The geometry limits its structure is screened with: the worker's (those of the whole run)."""
+        return limits
+
+    # the structure built here is the proposal itself, so its archive JSON can be made here too
+    keeps_structure = True
 
 
 @dataclass
@@ -86,15 +97,17 @@ def build(recipe: RandomRecipe, limits: GeometryLimits | None) -> GeneratedStruc
 
 
 def build_for_screening(
-    recipes: Iterable[RandomRecipe],
+    recipes: Iterable[Any],
     limits: GeometryLimits,
     symprec: float,
     between: Callable[[], None] | None = None,
 ) -> list[GeneratedStructure]:
     """Build recipes and prepare each result for rank 0's screening; run by workers after a relaxation.
 
-    ``between`` runs after every structure: MPI workers send heartbeats and honour stop requests from it.
-    A failure to build is recorded in the result, never raised: the search then builds that number itself.
+    A recipe is a RandomRecipe or anything else with ``build(limits)`` and ``screening_limits(limits)``
+    (a screen's next structures, globopt/htvs/search.py). ``between`` runs after every structure: MPI
+    workers send heartbeats and honour stop requests from it. A failure to build is recorded in the
+    result, never raised: the search then builds or prepares that structure itself.
     """
     from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching
     from globopt.structure_codec import structure_to_json
@@ -104,10 +117,10 @@ def build_for_screening(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                item = build(recipe, limits)
+                item = recipe.build(limits)
                 if item.structure is not None:
-                    problem = geometry_problem(item.structure, limits)
-                    as_json = structure_to_json(item.structure)
+                    problem = geometry_problem(item.structure, recipe.screening_limits(limits))
+                    as_json = structure_to_json(item.structure) if recipe.keeps_structure else None
                     item.screening = Screening(problem, None, None, structure_json=as_json)
                     if not problem:
                         reduced = reduced_for_matching(item.structure)
