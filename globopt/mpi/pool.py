@@ -65,7 +65,8 @@ class _PoolStats:
     cpu_started: float = field(default_factory=lambda: _cpu_seconds())
     waiting: float = 0.0  # inside collect(): rank 0 is free for the workers, or handling their messages
     protocol: float = 0.0  # sending tasks, receiving and handling messages: this module's cost on rank 0
-    completed: int = 0
+    completed: int = 0  # evaluations that used the potential
+    compared_only: int = 0  # tasks their worker found to be duplicates before relaxing
 
 
 class WorkerPool:
@@ -183,7 +184,10 @@ class WorkerPool:
             self._ping_idle()
             backoff.sleep()
         self.stats.waiting += time.perf_counter() - waited_from
-        self.stats.completed += sum(1 for _, e in finished if e.status != "worker_died")
+        self.stats.completed += sum(
+            1 for _, e in finished if e.status.used_potential and e.status != "worker_died"
+        )
+        self.stats.compared_only += sum(1 for _, e in finished if e.status == "duplicate")
         self._check_alive()
         return finished
 
@@ -295,10 +299,12 @@ class WorkerPool:
         log.info(
             "MPI: %d evaluations on %d worker rank(s) in %.1f s; worker time: relaxing %.1f%%, idle between "
             "tasks %.1f%%, waiting for the end %.1f%%, starting up %.1f%%; rank 0 per evaluation: %.2f ms "
-            "busy outside collect, %.2f ms CPU, %.3f ms in the MPI layer; rank 0 used %.1f%% of one core",
+            "busy outside collect, %.2f ms CPU, %.3f ms in the MPI layer; rank 0 used %.1f%% of one core; "
+            "%d more task(s) were duplicates their worker found before relaxing",
             self.stats.completed, len(self.master.workers), wall, share("busy"), share("idle"),
             share("tail"), share("startup"), 1000 * (wall - self.stats.waiting) / done,
             1000 * cpu / done, 1000 * self.stats.protocol / done, 100 * cpu / max(wall, 1e-9),
+            self.stats.compared_only,
         )  # fmt: skip
 
 
