@@ -355,6 +355,8 @@ class DuplicateIndex:
 
     def remove(self, candidate_id: int) -> None:
         """Forget an entry (a proposal a worker found to be a duplicate: a resume would not index it)."""
+        if candidate_id not in self._where:
+            return
         key, index = self._where.pop(candidate_id)
         self._buckets[key].remove(index)
 

@@ -105,7 +105,7 @@ class MasterCosts:
         return self.loop - measured - self.observers.total
 
     def summary(
-        self, evaluations: int, random_here: int, random_elsewhere: int, comparisons: tuple[int, int]
+        self, evaluations: int, built_here: int, built_elsewhere: int, comparisons: tuple[int, int]
     ) -> str:
         n = max(evaluations, 1)
         fits, bounded = comparisons
@@ -119,7 +119,7 @@ class MasterCosts:
             f"matching minima {ms(self.matching_minima)}, bookkeeping {ms(self.bookkeeping)}, "
             f"scheduler {ms(self.scheduler)}; observers: {observers or 'none'}; "
             f"{self.proposals / n:.2f} proposals per evaluation; "
-            f"structures built or prepared ahead on rank 0 {random_here}, on workers {random_elsewhere}; "
+            f"structures built or prepared ahead on rank 0 {built_here}, on workers {built_elsewhere}; "
             f"{fits / max(self.proposals, 1):.1f} StructureMatcher comparisons per proposal "
             f"({bounded} queries limited to the fingerprint-nearest)"
         )
