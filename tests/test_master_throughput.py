@@ -279,3 +279,35 @@ def test_comparisons_of_a_reissued_task_see_only_earlier_proposals_and_removed_o
     assert len(index) == 5
     cell = index.comparisons(query, key=key)[0].cell
     assert StructureMatcher().fit(cell.structure(), structures[cell.candidate_id - 1])
+
+
+def test_a_pending_duplicate_handed_out_again_after_a_kill_is_still_compared(tmp_path: Path) -> None:
+    """Killed between handing a proposal out and hearing its worker's verdict: the archive holds it as
+    pending. The resumed run's index (rebuilt from the archive) gives it the cells of the proposals before
+    it, not its own or later ones, and its worker then finds it a duplicate without relaxing it."""
+    from globopt.evaluator.evaluate import EvaluatorSettings, evaluate_task
+    from globopt.evaluator.relax import RelaxSettings
+    from globopt.screening import ProposalScreen
+
+    first = _stream().next().structure
+    copy = _strained_copy(first, np.random.default_rng(2), 0.005)
+    other = _stream().next().structure
+    archive = Archive(tmp_path / "archive.sqlite")
+    ids = [archive.add_candidate(Proposal(s, "test"), Status.PENDING, {}) for s in (first, copy, other)]
+    search = RandomSymmetricSearch([CONTENT], seed=3)
+    screen = ProposalScreen(search, 0.2, 0.3, 5.0, 0.01, 0.1, max_comparisons=32)
+    screen.rebuild(archive)
+    pending = {task.candidate_id: task for task in archive.pending_tasks()}
+    archive.close()
+    assert screen.comparisons_for(ids[0], first) == ()
+    cells = screen.comparisons_for(ids[1], pending[ids[1]].structure)
+    assert [cell.candidate_id for cell in cells] == [ids[0]]
+    task = pending[ids[1]]
+    task.compare_with = cells
+    settings = EvaluatorSettings({"kind": "emt"}, RelaxSettings(fmax=0.05, max_steps=20))
+    verdict = evaluate_task(task, settings)
+    assert (
+        verdict.status is Status.DUPLICATE and verdict.duplicate_of == ids[0] and verdict.n_force_calls == 0
+    )
+    screen.forget_proposal(ids[1])
+    assert ids[1] not in {cell.candidate_id for cell in screen.comparisons_for(ids[2] + 1, copy)}
