@@ -63,6 +63,7 @@ def test_composition_mapping_and_formula_agree() -> None:
         ({"composition": "Na4Cl4"}, "not covered by the potential (emt); it covers: Ag Al Au"),
         ({"potential": {"kind": "ase"}}, "potential.calculator is required with kind: ase"),
         ({"relax": {"fmax": -1}}, "'relax.fmax'"),
+        ({"duplicates": {"max_comparisons": 0}}, "'duplicates.max_comparisons'"),
         ({"checks": {"volume_factor_range": [5, 1]}}, "0 < low < high"),
         ({"name": "bad name/../x"}, "'name'"),
     ],
