@@ -11,6 +11,7 @@ from __future__ import annotations
 from globopt.archive import ArchiveError, damaged_message
 from globopt.config import RunConfig
 from globopt.engine import Budget, Engine
+from globopt.evaluator.compare import MatchTolerances
 from globopt.evaluator.early_stop import EarlyStopSettings
 from globopt.evaluator.evaluate import EvaluatorSettings
 from globopt.evaluator.known_minima import KnownMinimaSettings
@@ -99,6 +100,9 @@ def evaluator_settings(config: RunConfig, search: SearchAlgorithm) -> EvaluatorS
         rattle=config.relax.rattle,
         seed=config.seed,
         batch_size=None if config.relax.batch_size == "auto" else config.relax.batch_size,
+        match_tolerances=MatchTolerances(
+            config.duplicates.ltol, config.duplicates.stol, config.duplicates.angle_tol
+        ),
     )
 
 

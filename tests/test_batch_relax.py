@@ -254,3 +254,36 @@ def test_a_task_matching_an_archived_cell_it_came_with_is_a_duplicate_without_a_
         assert "candidate 7" in results[1].reason
         assert results[2].status is not Status.DUPLICATE and results[2].n_force_calls > 0
     assert batched[2].energy == evaluate(RelaxTask(2, structures[1]), settings).energy
+
+
+def test_workers_compare_with_the_runs_duplicate_tolerances(tmp_path: Path) -> None:
+    """The comparisons a worker makes use the config's duplicates.ltol/stol/angle_tol: a copy displaced
+    by 0.15 of the mean spacing is a duplicate at the default stol (0.3) and not at stol 0.05."""
+    import numpy as np
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from globopt.candidate import ArchivedCell
+    from globopt.config import parse_config
+    from globopt.duplicates import reduced_for_matching
+    from globopt.evaluator.compare import MatchTolerances
+    from globopt.pipeline import evaluator_settings
+    from globopt.search.factory import make_search
+
+    start = AseAtomsAdaptor.get_structure(_cells()[0])
+    spacing = (start.volume / len(start)) ** (1 / 3)
+    directions = np.random.default_rng(5).normal(size=(len(start), 3))
+    shifts = 0.15 * spacing * directions / np.linalg.norm(directions, axis=1)[:, None]
+    archived = Structure(start.lattice, start.species, start.cart_coords + shifts, coords_are_cartesian=True)
+    cell = ArchivedCell.of(7, reduced_for_matching(archived))
+    verdicts = {}
+    for stol in (0.3, 0.05):
+        config = parse_config(
+            {"name": "tol", "composition": "Cu4", "potential": {"kind": "emt"}, "duplicates": {"stol": stol}}
+        )
+        settings = evaluator_settings(config, make_search(config))
+        assert settings.match_tolerances == MatchTolerances(0.2, stol, 5.0)
+        task = RelaxTask(1, start, compare_with=(cell,))
+        verdicts[stol] = evaluate_task(task, settings).status
+    assert verdicts[0.3] is Status.DUPLICATE
+    assert verdicts[0.05] is not Status.DUPLICATE
