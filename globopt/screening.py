@@ -101,10 +101,7 @@ class ProposalScreen:
             reduced = reduced_for_matching(proposal.structure)
             minima = lattice_minima(reduced)
         if defer_comparisons:
-            entries = self.initial_index.comparisons(
-                proposal.structure, key=key, reduced=reduced, minima=minima
-            ) + self.relaxed_index.comparisons(proposal.structure, reduced=reduced, minima=minima)
-            return Screened(key, reduced, tuple(entry.cell for entry in entries))
+            return Screened(key, reduced, self._cells_to_compare(proposal.structure, key, reduced, minima))
         match = self.initial_index.find(
             proposal.structure, key=key, reduced=reduced, minima=minima
         ) or self.relaxed_index.find(proposal.structure, reduced=reduced, minima=minima)
@@ -124,9 +121,16 @@ class ProposalScreen:
         """What a pending candidate handed out again after a resume is compared with: the proposals indexed
         before it and the minima known now (its first worker may have been killed before comparing)."""
         reduced = reduced_for_matching(structure)
-        minima = lattice_minima(reduced)
+        key = self.initial_index.key(structure)
+        return self._cells_to_compare(structure, key, reduced, lattice_minima(reduced), before=candidate_id)
+
+    def _cells_to_compare(
+        self, structure: Structure, key: tuple, reduced: Structure, minima, before: int | None = None
+    ) -> tuple[ArchivedCell, ...]:
+        """The proposals and then the minima a structure must be compared with, the order ``screen``
+        compares them in on rank 0; ``before`` limits the proposals to those of lower id."""
         entries = self.initial_index.comparisons(
-            structure, reduced=reduced, minima=minima, before=candidate_id
+            structure, key=key, reduced=reduced, minima=minima, before=before
         ) + self.relaxed_index.comparisons(structure, reduced=reduced, minima=minima)
         return tuple(entry.cell for entry in entries)
 

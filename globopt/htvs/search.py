@@ -164,13 +164,12 @@ class HtvsSearch(SearchAlgorithm):
     def propose(self) -> Proposal:
         if self.stop_after is not None and self.proposed_count >= self.stop_after:
             raise SearchExhausted(f"htvs.stop_after={self.stop_after} structures proposed")
-        upcoming = next(iter(self.read_ahead(1)), None)
-        if upcoming is None:
+        if not self.read_ahead(1):
             raise SearchExhausted(
                 f"screen enumerated: {self.proposed_count} structures proposed, "
                 f"{self._read[2]} substitutions skipped by filters"
             )
-        self._ahead.popleft()
+        upcoming = self._ahead.popleft()
         self.block, self.index, self.skipped_count = upcoming.block, upcoming.index, upcoming.skipped
         self.proposed_count += 1
         proposal = upcoming.proposal
