@@ -34,7 +34,7 @@ from globopt.evaluator.known_minima import KnownMinimum
 from globopt.observers import BestSoFar, CommitContext, CommitObserver, ObserverTimes, notify
 from globopt.scheduler import Scheduler, make_scheduler
 from globopt.screening import ProposalScreen, Screened, ScreenedOut
-from globopt.search.base import SearchAlgorithm, SearchExhausted
+from globopt.search.base import BuildAhead, SearchAlgorithm, SearchExhausted
 
 log = logging.getLogger("globopt")
 
@@ -46,7 +46,7 @@ MAX_ATTEMPTS = 3
 MAX_CONSECUTIVE_REJECTIONS = 500
 # Every this many evaluations the log says what rank 0's CPU cost per evaluation was over them.
 COST_WINDOW = 1000
-# Random structures one worker builds after a relaxation, at most (search/random_stream.py): enough to
+# Structures one worker builds ahead after a relaxation, at most (search/base.BuildAhead): enough to
 # cover tiny cells, where most random proposals repeat, without delaying results noticeably.
 MAX_PREBUILT_PER_TASK = 16
 
@@ -223,7 +223,7 @@ class Engine:
         loop_started = window_cpu = time.process_time()
         notify(self.observers, self.costs.observers, "run_started", self.archive, self.best, used, total)
         scheduler = make_scheduler(self.settings, self.workers)
-        stream = self.search.random_stream if scheduler.runs_elsewhere else None
+        ahead = self.search.build_ahead if scheduler.runs_elsewhere else None
         self._defer_comparisons = scheduler.runs_elsewhere
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -262,8 +262,8 @@ class Engine:
                             )
                         continue
                     rejections = 0
-                    if stream is not None:
-                        self._ask_for_random_structures(task, stream, scheduler.capacity)
+                    if ahead is not None:
+                        self._ask_for_structures_ahead(task, ahead, scheduler.capacity)
                     self._submit(scheduler, task)
                 if scheduler.in_flight == 0:
                     break
@@ -309,13 +309,13 @@ class Engine:
             notify(self.observers, self.costs.observers, "run_finished", self.archive, interrupted)
             self.costs.loop += time.process_time() - loop_started
             evaluations = self.archive.count_used_potential()
-            random_stream = self.search.random_stream
+            prepared = self.search.build_ahead
             log.info(
                 "%s",
                 self.costs.summary(
                     evaluations - used_at_start,
-                    random_stream.built_here if random_stream else 0,
-                    random_stream.built_elsewhere if random_stream else 0,
+                    prepared.built_here if prepared else 0,
+                    prepared.built_elsewhere if prepared else 0,
                     self.screen.comparison_counts(),
                 ),
             )
@@ -426,15 +426,15 @@ class Engine:
         scheduler.submit(task)
         self.costs.scheduler += time.process_time() - cpu
 
-    def _ask_for_random_structures(self, task: RelaxTask, stream, capacity: int) -> None:
-        """Have the worker build the random structures the search will want next (random_stream.py).
+    def _ask_for_structures_ahead(self, task: RelaxTask, ahead: BuildAhead, capacity: int) -> None:
+        """Have the worker build the structures the search will want next (search/base.BuildAhead).
 
         The search consumes about ``per_task`` numbered structures per relaxation; each task carries twice
         that many recipes, looking no further ahead than all tasks in flight can use, so little is built
         that the search never takes.
         """
-        consumed = stream.next_index - self._prebuild.seen
-        self._prebuild.seen = stream.next_index
+        consumed = ahead.next_index - self._prebuild.seen
+        self._prebuild.seen = ahead.next_index
         self._prebuild.update(consumed)
         count = min(MAX_PREBUILT_PER_TASK, math.ceil(2 * self._prebuild.per_task))
         if count:

@@ -141,7 +141,7 @@ def test_structures_prepared_ahead_on_workers_change_nothing_but_where_the_work_
     assert [(p.origin, p.structure, state) for p, state in got] == [
         (p.origin, p.structure, state) for p, state in expected
     ]
-    assert prepared == len(got) == ahead.random_stream.built_elsewhere
+    assert prepared == len(got) == ahead.build_ahead.built_elsewhere
 
 
 def test_substituted_cells_are_rescaled_and_probabilities_give_known_swaps() -> None:

@@ -311,3 +311,75 @@ def test_a_pending_duplicate_handed_out_again_after_a_kill_is_still_compared(tmp
     )
     screen.forget_proposal(ids[1])
     assert ids[1] not in {cell.candidate_id for cell in screen.comparisons_for(ids[2] + 1, copy)}
+
+
+def _bred_ga(seed: int = 4):
+    """A Cu2Au2 GA past its first generation: four distinct members (random cells told as relaxed)."""
+    from globopt.config import parse_config
+    from globopt.search.factory import make_search
+
+    config = parse_config(
+        {"name": "ahead", "mode": "ga", "composition": "Cu2Au2", "seed": seed, "potential": {"kind": "emt"},
+         "ga": {"population_size": 4}}
+    )  # fmt: skip
+    search = make_search(config)
+    stream = _stream()
+    cells = [stream.next().structure for _ in range(4)]
+    for candidate_id, cell in enumerate(cells, start=1):
+        search.proposed(candidate_id)
+        energy = -0.01 * candidate_id
+        relaxed = Evaluation(
+            candidate_id,
+            Status.RELAXED,
+            relaxed=cell,
+            enthalpy_per_atom=energy,
+            spacegroup_number=candidate_id,
+        )
+        search.tell(candidate_id, relaxed)
+    search.initial_proposed = search.initial_target
+    return search
+
+
+def test_a_planned_child_is_the_same_wherever_it_is_built_and_survives_a_resume() -> None:
+    """Children planned for workers: built from pickled recipes there or on rank 0 when none arrived,
+    the proposals are the same; a checkpoint keeps the plans."""
+    import pickle
+
+    here, there = _bred_ga(), _bred_ga()
+    recipes_here = here.generation_requests(8, 16)
+    recipes_there = there.generation_requests(8, 16)
+    children = [r for r in recipes_there if type(r).__name__ == "ChildRecipe"]
+    assert len(children) >= 4 and [r.number for r in children] == sorted(r.number for r in children)
+    assert there.children.requests(8) == []  # every plan is being built: nothing is asked twice
+    shipped = pickle.loads(pickle.dumps(tuple(recipes_there)))  # what a worker receives
+    there.deliver_generated(build_for_screening(shipped, LIMITS, symprec=0.1))
+    state = json.loads(json.dumps(there.state_dict()))
+    assert len(state["children"]["planned"]) == len(there.children.planned) > 0
+    resumed = _bred_ga()
+    resumed.load_state_dict(state)
+    assert len(recipes_here) == len(recipes_there)
+    proposals = {name: [s.propose() for _ in range(6)] for name, s in
+                 (("here", here), ("there", there), ("resumed", resumed))}  # fmt: skip
+    structures = {name: [p.structure for p in made] for name, made in proposals.items()}
+    assert structures["here"] == structures["there"] == structures["resumed"]
+    assert [p.origin for p in proposals["here"]] == [p.origin for p in proposals["there"]]
+    assert any(p.origin.startswith("ga:") and p.parents for p in proposals["there"])
+    bred = [p for p in proposals["there"] if p.parents]
+    assert all(p.screening is not None for p in bred)  # prepared where it was built
+    assert there.children.built_elsewhere == len(bred) and here.children.built_elsewhere == 0
+    assert resumed.children.built_here == len(bred)
+
+
+@pytest.mark.slow
+def test_ga_children_are_built_by_pool_workers(tmp_path: Path) -> None:
+    """workers: 2: once breeding starts, children come from the workers, screened and relaxed as usual."""
+    out = tmp_path / "run"
+    config = emt_config(tmp_path, name="gaw", evaluations=24, workers=2, mode="ga", ga={"population_size": 6})
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    db = sqlite3.connect(out / "archive.sqlite")
+    origins = [r[0] for r in db.execute("SELECT origin FROM candidates WHERE origin NOT LIKE 'ga:init%'")]
+    assert len(origins) >= 10, origins
+    log = (out / "globopt.log").read_text()
+    built_on_workers = int(log.split("on workers ")[-1].split()[0].rstrip(";"))
+    initial = len(db.execute("SELECT id FROM candidates WHERE origin LIKE 'ga:init%'").fetchall())
+    assert built_on_workers > initial, log[-2000:]  # more than the first generation: children too

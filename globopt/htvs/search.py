@@ -62,7 +62,7 @@ class _Upcoming:
 
 
 class PreparedAhead:
-    """The engine's view of a screen's read-ahead (the interface of search/random_stream.RandomStream):
+    """The engine's view of a screen's read-ahead (search/base.BuildAhead):
     which upcoming structures workers should prepare, and their prepared screening data when it arrives."""
 
     def __init__(self, search: HtvsSearch) -> None:
@@ -144,7 +144,8 @@ class HtvsSearch(SearchAlgorithm):
         # read ahead of the stored cursor (derived, never stored: a resume reads them again)
         self._ahead: deque[_Upcoming] = deque()
         self._read = (0, 0, 0)  # block, index, skipped after the last structure read ahead
-        self.random_stream = PreparedAhead(self)
+        self.prepared_ahead = PreparedAhead(self)
+        self.build_ahead = self.prepared_ahead
 
     @property
     def size_hint(self) -> int:
@@ -173,7 +174,7 @@ class HtvsSearch(SearchAlgorithm):
         self.block, self.index, self.skipped_count = upcoming.block, upcoming.index, upcoming.skipped
         self.proposed_count += 1
         proposal = upcoming.proposal
-        proposal.screening = self.random_stream.take(upcoming.number)
+        proposal.screening = self.prepared_ahead.take(upcoming.number)
         return proposal
 
     def read_ahead(self, count: int) -> list[_Upcoming]:
@@ -222,4 +223,4 @@ class HtvsSearch(SearchAlgorithm):
         self.skipped_count = int(state["skipped"])
         self._ahead.clear()
         self._read = (self.block, self.index, self.skipped_count)
-        self.random_stream.clear()
+        self.prepared_ahead.clear()

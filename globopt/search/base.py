@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from globopt.candidate import Evaluation, Proposal
 
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from pymatgen.core import Structure
 
     from globopt.geometry import GeometryLimits
-    from globopt.search.random_stream import GeneratedStructure, RandomRecipe, RandomStream
+    from globopt.search.random_stream import GeneratedStructure
 
 
 class SearchAlgorithm(ABC):
@@ -55,27 +56,48 @@ class SearchAlgorithm(ABC):
     def tell(self, candidate_id: int, evaluation: Evaluation) -> None:  # noqa: B027 - optional hook
         """Learn from a finished evaluation (random search ignores it)."""
 
-    # Random structures this search will need, numbered so that workers can build them ahead of time
-    # (search/random_stream.py); None for searches that make every proposal from their own state.
-    random_stream: RandomStream | None = None
+    # Structures this search will propose next that workers can build or prepare ahead of time (random
+    # structures, GA children, a screen's next cells); None for searches that make every proposal from
+    # their own state.
+    build_ahead: BuildAhead | None = None
 
-    def generation_requests(self, count: int, lookahead: int) -> list[RandomRecipe]:
-        """Recipes for random structures that are not being built yet (the engine ships them to workers)."""
-        return [] if self.random_stream is None else self.random_stream.requests(count, lookahead)
+    def generation_requests(self, count: int, lookahead: int) -> list[Any]:
+        """Recipes of structures that are not being built yet (the engine ships them to workers)."""
+        return [] if self.build_ahead is None else self.build_ahead.requests(count, lookahead)
 
     def deliver_generated(self, items: list[GeneratedStructure]) -> None:
-        if self.random_stream is not None:
-            self.random_stream.deliver(i for i in items if self.random_stream.owns(i.recipe))
+        if self.build_ahead is not None:
+            self.build_ahead.deliver(i for i in items if self.build_ahead.owns(i.recipe))
 
-    def generation_lost(self, recipes: list[RandomRecipe]) -> None:
-        if self.random_stream is not None:
-            self.random_stream.lost(recipes)
+    def generation_lost(self, recipes: list[Any]) -> None:
+        if self.build_ahead is not None:
+            self.build_ahead.lost(recipes)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class BuildAhead(Protocol):
+    """Upcoming proposals that workers build or prepare (search/random_stream.py has the mechanism).
+
+    A recipe is anything with ``build(limits)`` and ``screening_limits(limits)``; what comes back is a
+    cache the search may use when the proposal's turn comes, never search state.
+    """
+
+    next_index: int  # proposals taken from it so far: the engine's measure of how many a relaxation uses
+    built_here: int  # taken without a worker's build having arrived
+    built_elsewhere: int
+
+    def requests(self, count: int, lookahead: int) -> list[Any]: ...
+
+    def owns(self, recipe: Any) -> bool: ...
+
+    def deliver(self, items: Iterable[GeneratedStructure]) -> None: ...
+
+    def lost(self, recipes: Iterable[Any]) -> None: ...
 
 
 class SearchExhausted(RuntimeError):

@@ -26,10 +26,11 @@ from deap import base, tools
 from pymatgen.core import Structure
 
 from generators.seeding import seeds_from_config
-from globopt.candidate import Evaluation, Proposal, Status
+from globopt.candidate import Evaluation, Proposal, Screening, Status
 from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
 from globopt.search.base import SearchAlgorithm
+from globopt.search.ga_children import ChildPlans, GeneticBuildAhead, PlannedChild
 from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
 from globopt.search.random_stream import RandomStream
 from globopt.structure_codec import structure_from_dict, structure_to_dict
@@ -112,6 +113,9 @@ class GeneticSearch(SearchAlgorithm):
             attempts=MAX_OPERATOR_TRIES * IMMIGRANT_ATTEMPTS, limits=limits, check_limits=True,
             prior=random_config.spacegroup_prior,
         )  # fmt: skip
+        # children planned ahead for workers to build (search/ga_children.py; only when the engine asks)
+        self.children = ChildPlans(seed, limits, ga)
+        self.build_ahead = GeneticBuildAhead(self)
         self.initial_proposed = 0
         self.told = 0
         self.last_proposal: tuple[str, tuple[int, ...]] | None = None
@@ -132,24 +136,52 @@ class GeneticSearch(SearchAlgorithm):
                 return Proposal(structure, origin=origin)
             return self._immigrant("init")
         for _ in range(MAX_OPERATOR_TRIES):
-            name = str(self.rng.choice(self._operator_names, p=self.operator_probabilities()))
-            made = self._apply(name)
+            plan = self.children.take()
+            if plan is None:  # nothing planned ahead (always so in-process): draw and make it here
+                name = self._draw_operator()
+                made = self._apply(name)
+            else:
+                name = plan.operator
+                made = self._planned(plan)
             if made is not None:
-                structure, parents = made
+                structure, parents, screening = made
                 self._remember(name, parents)
-                return Proposal(structure, origin=f"ga:{name}", parents=parents)
+                return Proposal(structure, origin=f"ga:{name}", parents=parents, screening=screening)
         return self._immigrant("immigrant")
 
-    def _apply(self, name: str) -> tuple[Structure, tuple[int, ...]] | None:
+    def _draw_operator(self) -> str:
+        return str(self.rng.choice(self._operator_names, p=self.operator_probabilities()))
+
+    def _apply(self, name: str) -> tuple[Structure, tuple[int, ...], Screening | None] | None:
         operator = VARIATION_OPERATORS[name]
         if operator.make is None:  # a fresh structure from the numbered random stream
-            return None if (made := self._random_structure()) is None else (made[0], ())
+            return self._random_structure()
         parents = self._select(operator.n_parents)
         if len({p.candidate_id for p in parents}) < len(parents):
             return None  # a crossover of a member with itself
         content = {el: round(n) for el, n in parents[0].structure.composition.get_el_amt_dict().items()}
         child = operator.make(tuple(p.structure for p in parents), content, self.limits, self.rng, self.ga)
-        return None if child is None else (child, tuple(p.candidate_id for p in parents))
+        return None if child is None else (child, tuple(p.candidate_id for p in parents), None)
+
+    def _planned(self, plan: PlannedChild) -> tuple[Structure, tuple[int, ...], Screening | None] | None:
+        if VARIATION_OPERATORS[plan.operator].make is None:
+            return self._random_structure()
+        if not plan.makes_child:
+            return None  # a crossover of a member with itself
+        child, screening = self.children.build(plan)
+        return None if child is None else (child, plan.parent_ids, screening)
+
+    def plans_children(self) -> bool:
+        """Whether the next proposals are children (the first generation is drawn, not bred)."""
+        return self.initial_proposed >= self.initial_target and len(self.population) >= 2
+
+    def plan_children(self, count: int, depth: int) -> None:
+        """Decide up to ``count`` more children now, keeping at most ``depth`` planned (ga_children.py)."""
+        for _ in range(min(count, depth - len(self.children.planned))):
+            name = self._draw_operator()
+            operator = VARIATION_OPERATORS[name]
+            parents = () if operator.make is None else tuple(self._select(operator.n_parents))
+            self.children.add(name, parents)
 
     def _immigrant(self, label: str) -> Proposal:
         made = self.random_stream.next()
@@ -161,9 +193,9 @@ class GeneticSearch(SearchAlgorithm):
         origin = f"ga:{label}:sg{made.spacegroup}"
         return Proposal(made.structure, origin=origin, screening=made.screening)
 
-    def _random_structure(self) -> tuple[Structure, int] | None:
+    def _random_structure(self) -> tuple[Structure, tuple[int, ...], Screening | None] | None:
         made = self.random_stream.next()
-        return None if made.structure is None else (made.structure, made.spacegroup)
+        return None if made.structure is None else (made.structure, (), made.screening)
 
     def _remember(self, operator: str, parents: tuple[int, ...]) -> None:
         self.last_proposal = (operator, parents)
@@ -310,6 +342,7 @@ class GeneticSearch(SearchAlgorithm):
             "logbook": self.logbook,
             "generator_seeds": None if self.seeder is None else self.seeder.state_dict(),
             "random_next": self.random_stream.next_index,
+            "children": self.children.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,6 +369,8 @@ class GeneticSearch(SearchAlgorithm):
         if self.seeder is not None:
             self.seeder.load_state_dict(state.get("generator_seeds"))
         self.random_stream.restart_at(int(state.get("random_next", 0)))
+        members = {member.candidate_id: member for member in self.population}
+        self.children.load_state_dict(state.get("children"), members)
 
 
 def _nsga2_order(population: list[Member]) -> list[Member]:

@@ -43,6 +43,7 @@ class RandomSymmetricSearch(SearchAlgorithm):
             "random", seed, buildable, spacegroups, volume_factor, attempts=MAX_GENERATION_ATTEMPTS,
             prior=spacegroup_prior,
         )  # fmt: skip
+        self.build_ahead = self.random_stream
         self.proposed_count = 0
 
     def propose(self) -> Proposal:

@@ -220,5 +220,5 @@ class RandomStream:
         self.arrived.clear()
         self.requested.clear()
 
-    def owns(self, recipe: RandomRecipe) -> bool:
-        return recipe.stream == self.stream and recipe.seed == self.seed
+    def owns(self, recipe: Any) -> bool:
+        return isinstance(recipe, RandomRecipe) and recipe.stream == self.stream and recipe.seed == self.seed

@@ -60,6 +60,7 @@ class VariableCompositionGA(GeneticSearch):
             attempts=MAX_OPERATOR_TRIES * IMMIGRANT_ATTEMPTS, check_limits=True,
         )  # fmt: skip
         self.random_stream = self.sampler.streams
+        self.build_ahead = self.sampler.streams  # children are made on rank 0 here (composition moves)
         self.seeder = _generator_seeds(initial_population, self.initial_target, space, seed)
         self._fitness_version = -1
 

@@ -37,7 +37,7 @@ class VariableCompositionRandom(SearchAlgorithm):
             space, tracker, starts, seed, "random", random_config, spread_temperature,
             attempts=MAX_GENERATION_ATTEMPTS, check_limits=False,
         )  # fmt: skip
-        self.random_stream = self.sampler.streams
+        self.build_ahead = self.sampler.streams
         self.proposed_count = 0
 
     def limits_for(self, structure: Structure):
