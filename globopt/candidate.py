@@ -50,6 +50,7 @@ class Screening:
     structure_json: str | None = (
         None  # structure_codec.structure_to_json of the structure, as the archive stores it
     )
+    fingerprint: Any = None  # duplicates.structure_fingerprint of ``reduced`` (a numpy array), or None
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Evaluation:
     # computed on the worker so rank 0 does not; not stored
     relaxed_reduced: Structure | None = None
     relaxed_minima: Any = None  # duplicates.lattice_minima of relaxed_reduced (a numpy array), or None
+    relaxed_fingerprint: Any = None  # duplicates.structure_fingerprint of relaxed_reduced, or None
     relaxed_json: str | None = None  # structure_codec.structure_to_json(relaxed), made on the worker
     generated: list[Any] = field(default_factory=list)  # built RelaxTask.generate recipes; not stored
     duplicate_of: int | None = None  # set by the engine: an earlier candidate that is the same minimum

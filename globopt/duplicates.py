@@ -206,7 +206,10 @@ class _Bucket:
             self._fingerprints[length] = (np.zeros((capacity, length)), np.zeros(capacity, dtype=bool))
         rows, filled = self._fingerprints[length]
         for position in positions[~filled[positions]]:
-            fingerprint = structure_fingerprint(self.entries[position].reduced)
+            entry = self.entries[position]
+            fingerprint = entry.fingerprint
+            if fingerprint is None:
+                fingerprint = structure_fingerprint(entry.reduced)
             rows[position] = fingerprint if len(fingerprint) == length and length else np.inf
             filled[position] = True
         if not length:
@@ -222,6 +225,7 @@ class _Entry:
     energy: float | None
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(3))  # see cell_lengths
     _cell: ArchivedCell | None = None
+    fingerprint: np.ndarray | None = None  # structure_fingerprint of reduced, when its worker sent it
 
     @property
     def cell(self) -> ArchivedCell:
@@ -273,16 +277,18 @@ class DuplicateIndex:
         key: tuple[str, int] | None = None,
         reduced: Structure | None = None,
         minima: np.ndarray | None = None,
+        fingerprint: np.ndarray | None = None,
     ) -> int | None:
         """Id of an indexed structure equivalent to this one, or None.
 
         With an energy given, only entries within energy_tol are compared: two relaxed minima that far
-        apart in energy are different structures whatever their geometry looks like. ``reduced`` and
-        ``minima`` (lattice_minima of it) when the caller has them already, e.g. from a worker.
+        apart in energy are different structures whatever their geometry looks like. ``reduced``,
+        ``minima`` (lattice_minima of it) and ``fingerprint`` (structure_fingerprint of it) when the
+        caller has them already, e.g. from a worker.
         """
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        for entry in self.comparisons(structure, energy, key, reduced, minima):
+        for entry in self.comparisons(structure, energy, key, reduced, minima, fingerprint=fingerprint):
             self.fits += 1
             if self.matcher.fit(reduced, entry.reduced, skip_structure_reduction=True):
                 return entry.candidate_id
@@ -296,6 +302,7 @@ class DuplicateIndex:
         reduced: Structure | None = None,
         minima: np.ndarray | None = None,
         before: int | None = None,
+        fingerprint: np.ndarray | None = None,
     ) -> list[_Entry]:
         """The entries a query must be compared with, in the order ``find`` compares them.
 
@@ -318,7 +325,9 @@ class DuplicateIndex:
             positions = positions[bucket.ids(positions) < before]
         if self.max_comparisons is not None and len(positions) > self.max_comparisons:
             self.bounded_queries += 1
-            positions = bucket.nearest(positions, structure_fingerprint(reduced), self.max_comparisons)
+            if fingerprint is None:
+                fingerprint = structure_fingerprint(reduced)
+            positions = bucket.nearest(positions, fingerprint, self.max_comparisons)
         return [bucket.entries[i] for i in positions]
 
     def add(
@@ -328,11 +337,12 @@ class DuplicateIndex:
         energy: float | None = None,
         key: tuple[str, int] | None = None,
         reduced: Structure | None = None,
+        fingerprint: np.ndarray | None = None,
     ) -> None:
-        """Index a structure; ``key`` and ``reduced`` when the caller already has them from ``find``."""
+        """Index a structure; ``key``, ``reduced`` and ``fingerprint`` when the caller has them already."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
-        entry = _Entry(candidate_id, reduced, energy, cell_lengths(reduced))
+        entry = _Entry(candidate_id, reduced, energy, cell_lengths(reduced), fingerprint=fingerprint)
         key = key or self.key(structure)
         bucket = self._buckets[key]
         self._where[candidate_id] = (key, len(bucket))
@@ -345,12 +355,14 @@ class DuplicateIndex:
         structure: Structure,
         energy: float | None,
         reduced: Structure | None = None,
+        fingerprint: np.ndarray | None = None,
     ) -> None:
         """Make a better-relaxed copy of an indexed minimum its representative."""
         if reduced is None:
             reduced = reduced_for_matching(structure)
         key, index = self._where.pop(old_id)
-        self._buckets[key].replace(index, _Entry(new_id, reduced, energy, cell_lengths(reduced)))
+        entry = _Entry(new_id, reduced, energy, cell_lengths(reduced), fingerprint=fingerprint)
+        self._buckets[key].replace(index, entry)
         self._where[new_id] = (key, index)
 
     def remove(self, candidate_id: int) -> None:

@@ -10,6 +10,7 @@ matching one is already a minimum, and a relaxed structure matching one is the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pymatgen.core import Structure
 
@@ -28,6 +29,7 @@ class Screened:
     key: tuple
     reduced: Structure
     compare_with: tuple[ArchivedCell, ...] = ()
+    fingerprint: Any = None  # duplicates.structure_fingerprint of reduced, when a worker sent it
 
 
 @dataclass
@@ -94,24 +96,37 @@ class ProposalScreen:
             problem = geometry_problem(proposal.structure, self.search.limits_for(proposal.structure))
         if problem:
             return ScreenedOut(Status.REJECTED, problem)
+        fingerprint = None
         if prepared is not None and prepared.key is not None and prepared.reduced is not None:
             key, reduced, minima = prepared.key, prepared.reduced, prepared.minima
+            fingerprint = prepared.fingerprint
         else:
             key = self.initial_index.key(proposal.structure)
             reduced = reduced_for_matching(proposal.structure)
             minima = lattice_minima(reduced)
         if defer_comparisons:
-            return Screened(key, reduced, self._cells_to_compare(proposal.structure, key, reduced, minima))
+            compare_with = self._cells_to_compare(
+                proposal.structure, key, reduced, minima, fingerprint=fingerprint
+            )
+            return Screened(key, reduced, compare_with, fingerprint)
         match = self.initial_index.find(
-            proposal.structure, key=key, reduced=reduced, minima=minima
-        ) or self.relaxed_index.find(proposal.structure, reduced=reduced, minima=minima)
+            proposal.structure, key=key, reduced=reduced, minima=minima, fingerprint=fingerprint
+        ) or self.relaxed_index.find(
+            proposal.structure, reduced=reduced, minima=minima, fingerprint=fingerprint
+        )
         if match is not None:
             return ScreenedOut(Status.DUPLICATE, f"same structure as candidate {match}", match)
-        return Screened(key, reduced)
+        return Screened(key, reduced, fingerprint=fingerprint)
 
     def index_proposal(self, candidate_id: int, structure: Structure, screened: Screened) -> None:
         """A proposal that will be relaxed: later proposals of the same structure are duplicates."""
-        self.initial_index.add(candidate_id, structure, key=screened.key, reduced=screened.reduced)
+        self.initial_index.add(
+            candidate_id,
+            structure,
+            key=screened.key,
+            reduced=screened.reduced,
+            fingerprint=screened.fingerprint,
+        )
 
     def forget_proposal(self, candidate_id: int) -> None:
         """A proposal its worker found to be a duplicate: out of the index, as a resume would leave it."""
@@ -125,13 +140,19 @@ class ProposalScreen:
         return self._cells_to_compare(structure, key, reduced, lattice_minima(reduced), before=candidate_id)
 
     def _cells_to_compare(
-        self, structure: Structure, key: tuple, reduced: Structure, minima, before: int | None = None
+        self,
+        structure: Structure,
+        key: tuple,
+        reduced: Structure,
+        minima,
+        before: int | None = None,
+        fingerprint=None,
     ) -> tuple[ArchivedCell, ...]:
         """The proposals and then the minima a structure must be compared with, the order ``screen``
         compares them in on rank 0; ``before`` limits the proposals to those of lower id."""
         entries = self.initial_index.comparisons(
-            structure, key=key, reduced=reduced, minima=minima, before=before
-        ) + self.relaxed_index.comparisons(structure, reduced=reduced, minima=minima)
+            structure, key=key, reduced=reduced, minima=minima, before=before, fingerprint=fingerprint
+        ) + self.relaxed_index.comparisons(structure, reduced=reduced, minima=minima, fingerprint=fingerprint)
         return tuple(entry.cell for entry in entries)
 
     def classify_minimum(self, evaluation: Evaluation) -> tuple[int | None, int | None]:
@@ -147,15 +168,20 @@ class ProposalScreen:
             evaluation.candidate_id,
         )
         reduced, minima = evaluation.relaxed_reduced, evaluation.relaxed_minima
+        fingerprint = evaluation.relaxed_fingerprint
         if reduced is None:
             reduced = reduced_for_matching(structure)
-            minima = None
-        match = self.relaxed_index.find(structure, energy, reduced=reduced, minima=minima)
+            minima = fingerprint = None
+        match = self.relaxed_index.find(
+            structure, energy, reduced=reduced, minima=minima, fingerprint=fingerprint
+        )
         if match is None:
-            self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced)
+            self.relaxed_index.add(candidate_id, structure, energy, reduced=reduced, fingerprint=fingerprint)
             return None, None
         if energy < self.relaxed_index.energy_of(match):
-            self.relaxed_index.replace(match, candidate_id, structure, energy, reduced=reduced)
+            self.relaxed_index.replace(
+                match, candidate_id, structure, energy, reduced=reduced, fingerprint=fingerprint
+            )
             return None, match
         return match, None
 

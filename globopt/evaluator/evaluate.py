@@ -176,13 +176,14 @@ def analyse(task: RelaxTask, settings: EvaluatorSettings, outcome: RelaxOutcome)
         result.reason = f"max force {outcome.max_force:.3f} eV/Å after {outcome.n_steps} steps"
     result.spacegroup, result.spacegroup_number = spacegroup_of(relaxed, settings.symprec)
     if result.status is Status.RELAXED:  # rank 0 checks it against known minima: reduce it here
-        from globopt.duplicates import lattice_minima, reduced_for_matching
+        from globopt.duplicates import lattice_minima, reduced_for_matching, structure_fingerprint
 
         try:
             result.relaxed_reduced = reduced_for_matching(relaxed)
             result.relaxed_minima = lattice_minima(result.relaxed_reduced)
+            result.relaxed_fingerprint = structure_fingerprint(result.relaxed_reduced)
         except Exception:  # rank 0 reduces it itself, and reports what goes wrong there
-            result.relaxed_reduced = result.relaxed_minima = None
+            result.relaxed_reduced = result.relaxed_minima = result.relaxed_fingerprint = None
     return result
 
 

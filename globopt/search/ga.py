@@ -44,6 +44,10 @@ ADAPTIVE_FLOOR = 0.3
 # against other exhausted members.
 EXHAUSTED_AFTER = 3
 HALL_OF_FAME_SIZE = 10
+# Population statistics records kept (one per population_size results): the search state is written with
+# every proposal, so an unbounded record would make each proposal cost more the longer the run goes
+# (at 20,000 evaluations it was three times the rest of the state).
+LOGBOOK_KEPT = 100
 
 
 @dataclass
@@ -171,6 +175,11 @@ class GeneticSearch(SearchAlgorithm):
         child, screening = self.children.build(plan)
         return None if child is None else (child, plan.parent_ids, screening)
 
+    def immigrant_share(self) -> float:
+        """Probability that an operator draw yields a fresh random structure rather than a child."""
+        fresh = [VARIATION_OPERATORS[name].make is None for name in self._operator_names]
+        return float(self.operator_probabilities()[fresh].sum())
+
     def plans_children(self) -> bool:
         """Whether the next proposals are children (the first generation is drawn, not bred)."""
         return self.initial_proposed >= self.initial_target and len(self.population) >= 2
@@ -291,6 +300,7 @@ class GeneticSearch(SearchAlgorithm):
         if self.told % self.ga.population_size == 0:
             record = self._statistics.compile(self.population)
             self.logbook.append({"evaluations": self.told, **{k: float(v) for k, v in record.items()}})
+            del self.logbook[:-LOGBOOK_KEPT]
 
     def _insert(self, member: Member, duplicate_of: int | None, supersedes: int | None = None) -> bool:
         """Place a relaxed child in the population, respecting niches; True if it got in."""

@@ -18,6 +18,7 @@ exactly as before.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -224,11 +225,13 @@ class GeneticBuildAhead:
         # plan no deeper than the children rank 0 takes while one relaxation runs (lookahead is twice
         # that): a deeper queue would breed from an older population for nothing
         self.search.plan_children(count, max(count, lookahead // 2))
-        wanted: list[Any] = self.children.requests(count)
-        immigrants = sum(1 for plan in self.children.planned if not plan.makes_child)
-        if len(wanted) < count and immigrants:
-            wanted += random_stream.requests(count - len(wanted), immigrants)
-        return wanted
+        # random structures first: they cost a worker (and rank 0, when late) far more than a child, and
+        # need no search state, so they are asked for as far ahead as the engine looks, in the share the
+        # operators draw them, beyond the immigrants already planned
+        planned = sum(VARIATION_OPERATORS[plan.operator].make is None for plan in self.children.planned)
+        ahead = planned + math.ceil(self.search.immigrant_share() * lookahead)
+        wanted: list[Any] = random_stream.requests(count, ahead) if ahead else []
+        return wanted + self.children.requests(count - len(wanted))
 
     def owns(self, recipe: Any) -> bool:
         return self.children.owns(recipe) or self.search.random_stream.owns(recipe)

@@ -109,7 +109,7 @@ def build_for_screening(
     workers send heartbeats and honour stop requests from it. A failure to build is recorded in the
     result, never raised: the search then builds or prepares that structure itself.
     """
-    from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching
+    from globopt.duplicates import bucket_key, lattice_minima, reduced_for_matching, structure_fingerprint
     from globopt.structure_codec import structure_to_json
 
     built = []
@@ -125,7 +125,10 @@ def build_for_screening(
                     if not problem:
                         reduced = reduced_for_matching(item.structure)
                         key = bucket_key(item.structure, symprec)
-                        item.screening = Screening(problem, key, reduced, lattice_minima(reduced), as_json)
+                        item.screening = Screening(
+                            problem, key, reduced, lattice_minima(reduced), as_json,
+                            fingerprint=structure_fingerprint(reduced),
+                        )  # fmt: skip
         except Exception as exc:  # a worker must never fail its relaxation result over a prefetch
             item = GeneratedStructure(recipe, None, None, f"{type(exc).__name__}: {exc}")
         built.append(item)

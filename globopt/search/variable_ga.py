@@ -31,7 +31,7 @@ from globopt.hull.space import CompositionSpace
 from globopt.hull.tracker import HullTracker
 from globopt.search.composition_operators import COMPOSITION_OPERATORS, VARIABLE_HEREDITY
 from globopt.search.composition_sampling import CompositionSampler
-from globopt.search.ga import MAX_OPERATOR_TRIES, GeneticSearch, Member
+from globopt.search.ga import LOGBOOK_KEPT, MAX_OPERATOR_TRIES, GeneticSearch, Member
 from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
 
 
@@ -175,6 +175,7 @@ class VariableCompositionGA(GeneticSearch):
                     "stable": len(self.tracker.stable()),
                 }
             )
+            del self.logbook[:-LOGBOOK_KEPT]
 
     def _insert(self, member: Member, duplicate_of: int | None, supersedes: int | None = None) -> bool:
         """Place a relaxed child: niches within a composition, at most ``max_per_composition`` members per
