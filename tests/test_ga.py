@@ -207,3 +207,28 @@ def test_a_member_whose_minimum_children_keep_refinding_loses_parent_tournaments
     restored = make_search(config)
     restored.load_state_dict(state)
     assert {m.candidate_id: m.refound for m in restored.population} == {1: EXHAUSTED_AFTER, 2: 0}
+
+
+def test_the_statistics_record_in_the_search_state_stays_bounded() -> None:
+    """The state is written with every proposal: its population statistics keep the latest records only."""
+    from pymatgen.core import Lattice, Structure
+
+    from globopt.candidate import Evaluation, Status
+    from globopt.search.ga import LOGBOOK_KEPT
+
+    config = parse_config(
+        {"name": "log", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"},
+         "ga": {"population_size": 2}}
+    )  # fmt: skip
+    search = make_search(config)
+    cell = Structure(
+        Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    )
+    results = 2 * (LOGBOOK_KEPT + 10)
+    for candidate_id in range(1, results + 1):
+        search.tell(
+            candidate_id, Evaluation(candidate_id, Status.RELAXED, relaxed=cell, enthalpy_per_atom=-0.01)
+        )
+    state = search.state_dict()
+    assert len(state["logbook"]) == LOGBOOK_KEPT
+    assert state["logbook"][-1]["evaluations"] == results  # the latest are the ones kept

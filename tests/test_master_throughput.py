@@ -63,6 +63,7 @@ def test_worker_screening_data_equals_what_rank_0_would_compute() -> None:
             assert StructureMatcher().fit(screening.reduced, reduced_for_matching(structure))
             assert screening.reduced.lattice == reduced_for_matching(structure).lattice
             assert np.allclose(screening.minima, lattice_minima(screening.reduced))
+            assert np.array_equal(screening.fingerprint, structure_fingerprint(screening.reduced))
 
 
 def test_random_search_resumes_at_the_same_structure_after_prebuilt_ones_are_lost() -> None:
@@ -349,6 +350,8 @@ def test_a_planned_child_is_the_same_wherever_it_is_built_and_survives_a_resume(
     recipes_here = here.generation_requests(8, 16)
     recipes_there = there.generation_requests(8, 16)
     children = [r for r in recipes_there if type(r).__name__ == "ChildRecipe"]
+    # random structures (immigrants) need no search state: asked for ahead of the plans, beside children
+    assert type(recipes_there[0]).__name__ == "RandomRecipe"
     assert len(children) >= 4 and [r.number for r in children] == sorted(r.number for r in children)
     assert there.children.requests(8) == []  # every plan is being built: nothing is asked twice
     shipped = pickle.loads(pickle.dumps(tuple(recipes_there)))  # what a worker receives
