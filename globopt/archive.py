@@ -21,6 +21,7 @@ from typing import Any
 from pymatgen.core import Structure
 
 from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
+from globopt.state_json import encode_state
 from globopt.structure_codec import structure_from_json, structure_to_json
 
 SCHEMA_VERSION = 1
@@ -345,7 +346,7 @@ class Archive:
             self.db.execute(
                 "INSERT INTO search_state(key, value) VALUES('state', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (json.dumps(state, separators=(",", ":")),),
+                (encode_state(state),),
             )
 
     def add_candidate(

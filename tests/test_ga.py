@@ -232,3 +232,32 @@ def test_the_statistics_record_in_the_search_state_stays_bounded() -> None:
     state = search.state_dict()
     assert len(state["logbook"]) == LOGBOOK_KEPT
     assert state["logbook"][-1]["evaluations"] == results  # the latest are the ones kept
+
+
+def test_the_state_text_reuses_the_population_encoding_and_equals_plain_json() -> None:
+    import json
+
+    from pymatgen.core import Lattice, Structure
+
+    from globopt.candidate import Evaluation, Status
+    from globopt.state_json import SEPARATORS, encode_state
+
+    config = parse_config(
+        {"name": "enc", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    )
+    search = make_search(config)
+    cell = Structure(
+        Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    )
+    texts = []
+    for candidate_id, energy, same_as in ((1, -0.02, None), (2, -0.01, None), (3, -0.019, 1)):
+        result = Evaluation(
+            candidate_id, Status.RELAXED, relaxed=cell.copy(), enthalpy_per_atom=energy,
+            spacegroup_number=100 + candidate_id, duplicate_of=same_as,
+        )  # fmt: skip
+        search.tell(candidate_id, result)
+        state = search.state_dict()
+        texts.append(encode_state(state))
+        assert texts[-1] == json.dumps(state, separators=SEPARATORS)
+        assert search.state_dict()["population"] is state["population"]  # nothing changed: not encoded again
+    assert json.loads(texts[-1])["population"][0]["refound"] == 1  # a member's history changed: re-encoded

@@ -33,6 +33,7 @@ from globopt.search.base import SearchAlgorithm
 from globopt.search.ga_children import ChildPlans, GeneticBuildAhead, PlannedChild
 from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
 from globopt.search.random_stream import RandomStream
+from globopt.state_json import PreEncodedList
 from globopt.structure_codec import structure_from_dict, structure_to_dict
 
 # Operators may fail to make a valid child (e.g. heredity with nothing to splice); try this many draws.
@@ -107,6 +108,7 @@ class GeneticSearch(SearchAlgorithm):
         weights = np.array([ga.operators[n] for n in names], dtype=float)
         self._operator_names, self._operator_p = names, weights / weights.sum()
         self.population: list[Member] = []
+        self._encoded_population: tuple[tuple, PreEncodedList] | None = None  # see _population_state
         self.hall_of_fame: list[dict[str, Any]] = []
         self.initial_target = ga.initial_random or ga.population_size
         # share of the first generation drawn from a trained generative model (generators/seeding.py)
@@ -343,7 +345,7 @@ class GeneticSearch(SearchAlgorithm):
             "kind": "ga",
             "rng": self.rng.bit_generator.state,
             "py_random": [version, list(internal), gauss],
-            "population": [member.as_state() for member in self.population],
+            "population": self._population_state(),
             "hall_of_fame": self.hall_of_fame,
             "initial_proposed": self.initial_proposed,
             "told": self.told,
@@ -354,6 +356,13 @@ class GeneticSearch(SearchAlgorithm):
             "random_next": self.random_stream.next_index,
             "children": self.children.state_dict(),
         }
+
+    def _population_state(self) -> PreEncodedList:
+        """The members as state, encoded again only when membership or a member's history changed."""
+        signature = tuple((member.candidate_id, member.refound) for member in self.population)
+        if self._encoded_population is None or self._encoded_population[0] != signature:
+            self._encoded_population = (signature, PreEncodedList([m.as_state() for m in self.population]))
+        return self._encoded_population[1]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "ga":
