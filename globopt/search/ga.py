@@ -3,7 +3,9 @@
 The population is a list of relaxed, mutually distinct structures. Whenever a worker is free the
 engine asks for one child: a tournament (DEAP) picks parents, one crystal operator (search/operators.py)
 makes the child, and when its relaxation returns it competes for a place in the population. There are
-no generations, so no worker ever waits for a slow relaxation of someone else's candidate.
+no generations, so no worker ever waits for a slow relaxation of someone else's candidate. With workers
+in other processes, the next children are planned a little ahead and built by the workers
+(search/ga_children.py).
 
 Niching keeps the population diverse: a child that relaxes into the same minimum as a member (the
 engine's StructureMatcher verdict, or equal energy within ``niche_energy_tol`` and the same space group)

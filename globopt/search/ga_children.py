@@ -12,8 +12,8 @@ child is bred while its siblings are still relaxing).
 
 Child ``k``'s randomness comes from (run seed, k) alone, so it is the same wherever it is built. The
 plans (number, operator, parent ids) are search state and checkpointed; a plan whose parent has left
-the population by a resume is dropped. In-process runs never plan ahead and make each child on the spot
-exactly as before.
+the population by a resume is dropped. In-process runs never plan ahead: each child is made on the spot
+from the search's own generator, so a serial run's children do not depend on what could be built ahead.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Variation operators for an evolutionary crystal search (USPEX-style, after Oganov & Glass).
 
-The master process of a search builds every offspring itself, so these operators work on small numpy
-copies of the cell (lattice rows, fractional coordinates, symbols) and convert to a pymatgen Structure
-once, at the end. Every operator either returns a child that is valid by the engine's own rules (same
-cell content, ``geometry_problem`` empty, a sane lattice) or ``None``: an invalid child would only be
-rejected by the engine after the search had spent an offspring slot on it, and a ``None`` tells the
-caller at once to try another operator.
+Offspring are made by rank 0, or under MPI by the workers (search/ga_children.py), between other work
+in both cases, so these operators work on small numpy copies of the cell (lattice rows, fractional
+coordinates, symbols) and convert to a pymatgen Structure once, at the end. Every operator either
+returns a child that is valid by the engine's own rules (same cell content, ``geometry_problem`` empty, a
+sane lattice) or ``None``: an invalid child would only be rejected by the engine after the search had
+spent an offspring slot on it, and a ``None`` tells the caller at once to try another operator.
 
 All randomness comes from the ``numpy.random.Generator`` passed in (pyxtal included), because the search
 checkpoints its generator state and a resumed run must propose exactly the same children.
