@@ -367,6 +367,45 @@ def test_sigkilled_rank0_resumes_serially_and_under_mpi(tmp_path: Path) -> None:
 
 
 @pytest.mark.mpi
+def test_a_ga_whose_workers_build_its_children_resumes_after_rank_0_is_killed(tmp_path: Path) -> None:
+    """Under MPI the GA's next children are planned ahead and built by the workers; the plans are search
+    state. Rank 0 killed while breeding: the resumed run loses and repeats nothing."""
+    import json
+    import sqlite3
+
+    import psutil
+
+    out = tmp_path / "run"
+    gate = Gate(tmp_path / "gate", out)
+    gate.arm(7)  # a worker holds its eighth candidate, after breeding has started (population 4)
+    config = emt_config(tmp_path, evaluations=14, gated=True, mode="ga", ga={"population_size": 4})
+    process = _mpi_globopt(3, "run", str(config), "--out", str(out), cwd=tmp_path, **gate.env)
+    try:
+        gate.wait(process)
+        psutil.Process(_rank0_pid(out)).kill()
+        output = _finish(process, timeout=PATIENCE)
+    finally:
+        _kill_tree(process.pid)
+    assert process.returncode != 0, output
+    before = committed(out)
+    db = sqlite3.connect(out / "archive.sqlite")
+    state = json.loads(db.execute("SELECT value FROM search_state WHERE key='state'").fetchone()[0])
+    db.close()
+    assert state["children"]["planned"], "children were planned ahead for the workers when rank 0 died"
+
+    process = _mpi_globopt(3, "resume", str(out), cwd=tmp_path)
+    output = _finish(process, timeout=PATIENCE)
+    assert process.returncode == 0, output
+    after = committed(out)
+    assert len(after) == 14 and {k: after[k] for k in before} == before
+    assert_logged_once_across_a_kill(out, before, after)
+    db = sqlite3.connect(out / "archive.sqlite")
+    bred = db.execute("SELECT COUNT(*) FROM candidates WHERE parents != '[]'").fetchone()[0]
+    db.close()
+    assert bred >= 4, "the GA bred children after its first generation"
+
+
+@pytest.mark.mpi
 @pytest.mark.m3gnet
 def test_m3gnet_on_three_ranks(tmp_path: Path, models_dir: Path) -> None:
     config = write_config(
