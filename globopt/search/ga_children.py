@@ -6,9 +6,9 @@ are chosen. So with workers in other processes the GA *plans* its next children 
 for structures to build ahead: operator and parents are drawn from the search state of that moment, the
 child gets a number, and its recipe (parents as plain arrays, operator, seed) travels to a worker with
 a relaxation. The child comes back built and prepared for screening; the search takes plans strictly in
-order, building any that have not arrived itself. Parents are therefore chosen from a population a few
-results older than when the child is proposed, the same order of lag as the steady state's own (every
-child is bred while its siblings are still relaxing).
+order, building any that have not arrived itself. Parents are therefore chosen from a population up to
+two relaxation times older than when the child is proposed, about twice the steady state's own lag (every
+child is bred while its siblings are still relaxing); with many ranks that is a generational GA's lag.
 
 Child ``k``'s randomness comes from (run seed, k) alone, so it is the same wherever it is built. The
 plans (number, operator, parent ids) are search state and checkpointed; a plan whose parent has left
@@ -222,9 +222,9 @@ class GeneticBuildAhead:
         random_stream = self.search.random_stream
         if not self.search.plans_children():
             return random_stream.requests(count, lookahead)
-        # plan no deeper than the children rank 0 takes while one relaxation runs (lookahead is twice
-        # that): a deeper queue would breed from an older population for nothing
-        self.search.plan_children(count, max(count, lookahead // 2))
+        # as deep as the engine looks ahead: about the children rank 0 takes while two relaxations run, so
+        # a worker's build arrives before its turn (half that depth left one child in ten to rank 0)
+        self.search.plan_children(count, lookahead)
         # random structures first: they cost a worker (and rank 0, when late) far more than a child, and
         # need no search state, so they are asked for as far ahead as the engine looks, in the share the
         # operators draw them, beyond the immigrants already planned
