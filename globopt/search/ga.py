@@ -33,7 +33,7 @@ from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
 from globopt.search.base import SearchAlgorithm
 from globopt.search.ga_children import ChildPlans, GeneticBuildAhead, PlannedChild
-from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
+from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS, parent_content
 from globopt.search.random_stream import RandomStream
 from globopt.state_json import PreEncodedList
 from globopt.structure_codec import structure_from_dict, structure_to_dict
@@ -167,12 +167,12 @@ class GeneticSearch(SearchAlgorithm):
         parents = self._select(operator.n_parents)
         if len({p.candidate_id for p in parents}) < len(parents):
             return None  # a crossover of a member with itself
-        content = {el: round(n) for el, n in parents[0].structure.composition.get_el_amt_dict().items()}
+        content = parent_content(parents[0].structure)
         child = operator.make(tuple(p.structure for p in parents), content, self.limits, self.rng, self.ga)
         return None if child is None else (child, tuple(p.candidate_id for p in parents), None)
 
     def _planned(self, plan: PlannedChild) -> tuple[Structure, tuple[int, ...], Screening | None] | None:
-        if VARIATION_OPERATORS[plan.operator].make is None:
+        if plan.is_immigrant:
             return self._random_structure()
         if not plan.makes_child:
             return None  # a crossover of a member with itself

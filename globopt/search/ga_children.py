@@ -29,7 +29,7 @@ from pymatgen.core import Structure
 
 from globopt.candidate import ArchivedCell, Screening
 from globopt.geometry import GeometryLimits
-from globopt.search.operators import VARIATION_OPERATORS
+from globopt.search.operators import VARIATION_OPERATORS, parent_content
 from globopt.search.random_stream import GeneratedStructure
 
 # Seeds a child's generator together with the run seed and the child's number (search/random_stream.py
@@ -52,12 +52,15 @@ class PlannedChild:
         return tuple(p.candidate_id for p in self.parents)
 
     @property
+    def is_immigrant(self) -> bool:
+        """A fresh random structure (from the random stream), not a child of members."""
+        return VARIATION_OPERATORS[self.operator].make is None
+
+    @property
     def makes_child(self) -> bool:
-        """False for an immigrant (drawn from the random stream) and for a crossover of a member with
-        itself (a failed try, as when drawn on the spot)."""
-        if VARIATION_OPERATORS[self.operator].make is None:
-            return False
-        return len(set(self.parent_ids)) == len(self.parents)
+        """False for an immigrant and for a crossover of a member with itself (a failed try, as when
+        drawn on the spot)."""
+        return not self.is_immigrant and len(set(self.parent_ids)) == len(self.parents)
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,6 @@ def make_child(
     """Child ``number`` of the run: the same structure on rank 0 and on any worker."""
     rng = np.random.default_rng([seed, CHILD_STREAM_ID, number])
     return VARIATION_OPERATORS[operator].make(parents, content, limits, rng, ga)
-
-
-def parent_content(parent: Structure) -> dict[str, int]:
-    return {el: round(n) for el, n in parent.composition.get_el_amt_dict().items()}
 
 
 class ChildPlans:
@@ -228,7 +227,7 @@ class GeneticBuildAhead:
         # random structures first: they cost a worker (and rank 0, when late) far more than a child, and
         # need no search state, so they are asked for as far ahead as the engine looks, in the share the
         # operators draw them, beyond the immigrants already planned
-        planned = sum(VARIATION_OPERATORS[plan.operator].make is None for plan in self.children.planned)
+        planned = sum(plan.is_immigrant for plan in self.children.planned)
         ahead = planned + math.ceil(self.search.immigrant_share() * lookahead)
         wanted: list[Any] = random_stream.requests(count, ahead) if ahead else []
         return wanted + self.children.requests(count - len(wanted))

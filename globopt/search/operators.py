@@ -390,7 +390,8 @@ def _same_as_stored(first: Structure, second: Structure) -> bool:
 # single-parent mutations
 
 
-def _parent_content(structure: Structure) -> dict[str, int]:
+def parent_content(structure: Structure) -> dict[str, int]:
+    """The cell content of an ordered parent, element -> count (the content its children must keep)."""
     return dict(Counter(site.specie.symbol for site in structure))
 
 
@@ -407,7 +408,7 @@ def lattice_strain(
     relaxation reaches only slowly (shear), without touching the atomic arrangement. Retries use smaller
     strains, because a parent with a pair just above its limit survives only gentle deformations."""
     cell = cell_of(parent)
-    content = _parent_content(parent)
+    content = parent_content(parent)
     volume = abs(np.linalg.det(cell.lattice))
     for attempt in range(ATTEMPTS):
         deformation = np.eye(3) + _symmetric_strain(rng, sigma * STRAIN_SHRINK ** (attempt // 2))
@@ -439,7 +440,7 @@ def permutation(
     cell = cell_of(parent)
     if len(set(cell.symbols.tolist())) < 2:
         return None
-    content = _parent_content(parent)
+    content = parent_content(parent)
     for _ in range(ATTEMPTS):
         symbols = _swapped(cell.symbols, int(rng.integers(1, max(max_swaps, 1) + 1)), rng)
         if np.array_equal(symbols, cell.symbols):
@@ -459,7 +460,7 @@ def coordinate_mutation(
 ) -> Structure | None:
     """Random Cartesian kicks to part of the atoms: local exploration around a good parent."""
     cell = cell_of(parent)
-    content = _parent_content(parent)
+    content = parent_content(parent)
     n_atoms = len(cell.frac)
     for _ in range(ATTEMPTS):
         moving = rng.random(n_atoms) < fraction
@@ -518,7 +519,7 @@ def soft_mutation(
     cell = cell_of(parent)
     if len(cell.frac) < 2:
         return None
-    content = _parent_content(parent)
+    content = parent_content(parent)
     try:
         modes = _soft_modes(cell, SOFT_MODE_CHOICES)
     except (FlatCellError, np.linalg.LinAlgError):
@@ -562,7 +563,7 @@ def symmetric_mutation(
     """
     from globopt.search.structure_difference import symmetric_move
 
-    content = _parent_content(parent)
+    content = parent_content(parent)
     for attempt in range(ATTEMPTS):
         scale = STRAIN_SHRINK ** (attempt // 2)
         moved = symmetric_move(parent, rng, amplitude * scale, strain * scale, symprec)
