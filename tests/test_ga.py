@@ -165,41 +165,36 @@ def test_operator_probabilities_follow_the_children_that_pay_off() -> None:
     assert np.allclose(search.operator_probabilities(), base)
 
 
-def test_a_member_whose_minimum_children_keep_refinding_loses_parent_tournaments() -> None:
+def _cu2au2_ga(name: str, **ga):
+    """A Cu2Au2 GA on EMT (config, search), ``ga`` overriding its GA settings."""
+    raw = {"name": name, "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
+    config = parse_config({**raw, "ga": ga} if ga else raw)
+    return config, make_search(config)
+
+
+def _relaxed(candidate_id: int, energy: float, **fields):
+    """A relaxed outcome in an ordered Cu2Au2 cell, as a worker would report it."""
     from pymatgen.core import Lattice, Structure
 
     from globopt.candidate import Evaluation, Status
-    from globopt.search.ga import EXHAUSTED_AFTER
 
-    config = parse_config(
-        {"name": "mined", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
-    )
-    search = make_search(config)
     cell = Structure(
         Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
     )
+    return Evaluation(candidate_id, Status.RELAXED, relaxed=cell, enthalpy_per_atom=energy, **fields)
+
+
+def test_a_member_whose_minimum_children_keep_refinding_loses_parent_tournaments() -> None:
+    from globopt.search.ga import EXHAUSTED_AFTER
+
+    config, search = _cu2au2_ga("mined")
     for candidate_id, energy in ((1, -0.02), (2, -0.01)):
-        relaxed = Evaluation(
-            candidate_id,
-            Status.RELAXED,
-            relaxed=cell.copy(),
-            enthalpy_per_atom=energy,
-            spacegroup_number=100 + candidate_id,
-        )
-        search.tell(candidate_id, relaxed)
+        search.tell(candidate_id, _relaxed(candidate_id, energy, spacegroup_number=100 + candidate_id))
     best = next(m for m in search.population if m.candidate_id == 1)
     before = [m.candidate_id for _ in range(200) for m in search._select(1)]
     assert before.count(1) > 0.8 * len(before)  # the best wins every tournament it enters (7 in 8)
     for child in range(10, 10 + EXHAUSTED_AFTER):  # children that relax back into the best's minimum
-        refound = Evaluation(
-            child,
-            Status.RELAXED,
-            relaxed=cell.copy(),
-            enthalpy_per_atom=-0.019,
-            spacegroup_number=101,
-            duplicate_of=1,
-        )
-        search.tell(child, refound)
+        search.tell(child, _relaxed(child, -0.019, spacegroup_number=101, duplicate_of=1))
     assert best.refound == EXHAUSTED_AFTER and best.exhausted
     after = [m.candidate_id for _ in range(200) for m in search._select(1)]
     assert after.count(2) > 0.8 * len(after)  # now the fresh member wins every tournament it enters
@@ -211,24 +206,12 @@ def test_a_member_whose_minimum_children_keep_refinding_loses_parent_tournaments
 
 def test_the_statistics_record_in_the_search_state_stays_bounded() -> None:
     """The state is written with every proposal: its population statistics keep the latest records only."""
-    from pymatgen.core import Lattice, Structure
-
-    from globopt.candidate import Evaluation, Status
     from globopt.search.ga import LOGBOOK_KEPT
 
-    config = parse_config(
-        {"name": "log", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"},
-         "ga": {"population_size": 2}}
-    )  # fmt: skip
-    search = make_search(config)
-    cell = Structure(
-        Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
-    )
+    _, search = _cu2au2_ga("log", population_size=2)
     results = 2 * (LOGBOOK_KEPT + 10)
     for candidate_id in range(1, results + 1):
-        search.tell(
-            candidate_id, Evaluation(candidate_id, Status.RELAXED, relaxed=cell, enthalpy_per_atom=-0.01)
-        )
+        search.tell(candidate_id, _relaxed(candidate_id, -0.01))
     state = search.state_dict()
     assert len(state["logbook"]) == LOGBOOK_KEPT
     assert state["logbook"][-1]["evaluations"] == results  # the latest are the ones kept
@@ -237,24 +220,12 @@ def test_the_statistics_record_in_the_search_state_stays_bounded() -> None:
 def test_the_state_text_reuses_the_population_encoding_and_equals_plain_json() -> None:
     import json
 
-    from pymatgen.core import Lattice, Structure
-
-    from globopt.candidate import Evaluation, Status
     from globopt.state_json import SEPARATORS, encode_state
 
-    config = parse_config(
-        {"name": "enc", "mode": "ga", "composition": "Cu2Au2", "potential": {"kind": "emt"}}
-    )
-    search = make_search(config)
-    cell = Structure(
-        Lattice.cubic(3.8), ["Cu", "Cu", "Au", "Au"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
-    )
+    _, search = _cu2au2_ga("enc")
     texts = []
     for candidate_id, energy, same_as in ((1, -0.02, None), (2, -0.01, None), (3, -0.019, 1)):
-        result = Evaluation(
-            candidate_id, Status.RELAXED, relaxed=cell.copy(), enthalpy_per_atom=energy,
-            spacegroup_number=100 + candidate_id, duplicate_of=same_as,
-        )  # fmt: skip
+        result = _relaxed(candidate_id, energy, spacegroup_number=100 + candidate_id, duplicate_of=same_as)
         search.tell(candidate_id, result)
         state = search.state_dict()
         texts.append(encode_state(state))
