@@ -28,6 +28,7 @@ from globopt.search.operators import (
     symmetric_mutation,
 )
 from globopt.search.pyxtal_sampling import compatible_spacegroups
+from globopt.search.wyckoff_heredity import wyckoff_heredity
 
 CONTENTS = {
     "Na4Cl4": {"Na": 4, "Cl": 4},
@@ -89,6 +90,10 @@ def apply(operator: str, name: str, a: int, b: int, rng: np.random.Generator) ->
         return soft_mutation(parents[a], limits, rng)
     if operator == "symmetric":
         return symmetric_mutation(parents[a], limits, rng)
+    if operator == "wyckoff_heredity":
+        # the GA pairs parents of one space group: the partner is b's move of a within a's group
+        partner = symmetric_mutation(parents[a], limits, np.random.default_rng(b)) or parents[b]
+        return wyckoff_heredity(parents[a], partner, content, limits, rng)
     assert operator == "immigrant", f"no test driver for operator {operator!r}"
     made = random_immigrant(content, limits, rng)
     return None if made is None else made[0]

@@ -33,7 +33,12 @@ from globopt.geometry import GeometryLimits
 from globopt.objectives import objective_scores
 from globopt.search.base import SearchAlgorithm
 from globopt.search.ga_children import ChildPlans, GeneticBuildAhead, PlannedChild
-from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS, parent_content
+from globopt.search.operators import (
+    IMMIGRANT_ATTEMPTS,
+    VARIATION_OPERATORS,
+    VariationOperator,
+    parent_content,
+)
 from globopt.search.random_stream import RandomStream
 from globopt.state_json import PreEncodedList
 from globopt.structure_codec import structure_from_dict, structure_to_dict
@@ -164,7 +169,7 @@ class GeneticSearch(SearchAlgorithm):
         operator = VARIATION_OPERATORS[name]
         if operator.make is None:  # a fresh structure from the numbered random stream
             return self._random_structure()
-        parents = self._select(operator.n_parents)
+        parents = self._parents_for(operator)
         if len({p.candidate_id for p in parents}) < len(parents):
             return None  # a crossover of a member with itself
         content = parent_content(parents[0].structure)
@@ -193,7 +198,7 @@ class GeneticSearch(SearchAlgorithm):
         for _ in range(min(count, depth - len(self.children.planned))):
             name = self._draw_operator()
             operator = VARIATION_OPERATORS[name]
-            parents = () if operator.make is None else tuple(self._select(operator.n_parents))
+            parents = () if operator.make is None else tuple(self._parents_for(operator))
             self.children.add(name, parents)
 
     def _immigrant(self, label: str) -> Proposal:
@@ -240,6 +245,23 @@ class GeneticSearch(SearchAlgorithm):
         weighted = self._operator_p * np.array(rates)
         weighted /= weighted.sum()
         return (1.0 - ADAPTIVE_FLOOR) * weighted + ADAPTIVE_FLOOR * self._operator_p
+
+    def _parents_for(self, operator: VariationOperator) -> list[Member]:
+        """Parents by tournament; for an operator that needs parents of one space group, the second
+        parent wins a tournament among the first's group-mates (the first itself when it has none, which
+        the caller treats as a failed try)."""
+        if not operator.mates_in_group:
+            return self._select(operator.n_parents)
+        first = self._select(1)[0]
+        mates = [
+            m for m in self.population
+            if m is not first and m.spacegroup is not None and m.spacegroup == first.spacegroup
+        ]  # fmt: skip
+        if first.spacegroup in (None, 1) or not mates:
+            return [first, first]
+        with self._deap_random():
+            aspirants = [random.choice(mates) for _ in range(self.ga.tournament_size)]
+        return [first, min(aspirants, key=lambda m: (m.exhausted, m.scores))]
 
     def _select(self, k: int) -> list[Member]:
         """Tournament on fitness (single objective) or on NSGA-II rank and crowding (several)."""

@@ -36,6 +36,7 @@ from globopt.search.cells import (
     nearest_distances,
     reduced_basis,
 )
+from globopt.search.wyckoff_heredity import wyckoff_heredity
 
 # Internal retries before an operator gives up: a failed try costs about a millisecond (numpy checks,
 # no ASE round trip), so several are cheap, but the caller has other operators to fall back on.
@@ -625,6 +626,8 @@ class VariationOperator:
         Callable[[tuple[Structure, ...], dict[str, int], GeometryLimits, np.random.Generator, Any], Any]
         | None
     )
+    # the second parent is drawn among the members of the first's space group (Wyckoff heredity)
+    mates_in_group: bool = False
 
 
 def _registry(*operators: VariationOperator) -> dict[str, VariationOperator]:
@@ -665,6 +668,12 @@ VARIATION_OPERATORS: dict[str, VariationOperator] = _registry(
         lambda parents, content, limits, rng, ga: symmetric_mutation(
             parents[0], limits, rng, amplitude=ga.coordinate_sigma, strain=ga.strain_sigma
         ),
+    ),
+    VariationOperator(
+        "wyckoff_heredity",
+        2,
+        lambda parents, content, limits, rng, ga: wyckoff_heredity(*parents, content, limits, rng),
+        mates_in_group=True,
     ),
     VariationOperator("immigrant", 0, None),
 )
