@@ -28,7 +28,7 @@ from globopt.search.operators import (
     symmetric_mutation,
 )
 from globopt.search.pyxtal_sampling import compatible_spacegroups
-from globopt.search.wyckoff_heredity import wyckoff_heredity
+from globopt.search.wyckoff_operators import wyckoff_heredity, wyckoff_mutation
 
 CONTENTS = {
     "Na4Cl4": {"Na": 4, "Cl": 4},
@@ -94,6 +94,8 @@ def apply(operator: str, name: str, a: int, b: int, rng: np.random.Generator) ->
         # the GA pairs parents of one space group: the partner is b's move of a within a's group
         partner = symmetric_mutation(parents[a], limits, np.random.default_rng(b)) or parents[b]
         return wyckoff_heredity(parents[a], partner, content, limits, rng)
+    if operator == "wyckoff_mutation":
+        return wyckoff_mutation(parents[a], content, limits, rng)
     assert operator == "immigrant", f"no test driver for operator {operator!r}"
     made = random_immigrant(content, limits, rng)
     return None if made is None else made[0]

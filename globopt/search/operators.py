@@ -36,7 +36,7 @@ from globopt.search.cells import (
     nearest_distances,
     reduced_basis,
 )
-from globopt.search.wyckoff_heredity import wyckoff_heredity
+from globopt.search.wyckoff_operators import wyckoff_heredity, wyckoff_mutation
 
 # Internal retries before an operator gives up: a failed try costs about a millisecond (numpy checks,
 # no ASE round trip), so several are cheap, but the caller has other operators to fall back on.
@@ -674,6 +674,11 @@ VARIATION_OPERATORS: dict[str, VariationOperator] = _registry(
         2,
         lambda parents, content, limits, rng, ga: wyckoff_heredity(*parents, content, limits, rng),
         mates_in_group=True,
+    ),
+    VariationOperator(
+        "wyckoff_mutation",
+        1,
+        lambda parents, content, limits, rng, ga: wyckoff_mutation(parents[0], content, limits, rng),
     ),
     VariationOperator("immigrant", 0, None),
 )

@@ -1,4 +1,4 @@
-"""Wyckoff heredity: children of whole orbits keep their parents' space group and formula."""
+"""Operators on Wyckoff orbits: their children keep the parents' space group and formula."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from pyxtal import pyxtal
 
 from globopt.geometry import geometry_limits
-from globopt.search.wyckoff_heredity import symmetric_form, wyckoff_heredity
+from globopt.search.wyckoff_operators import symmetric_form, wyckoff_heredity, wyckoff_mutation
 
 SPINEL_CONTENT = {"Mg": 2, "Al": 4, "O": 8}
 # atoms of the conventional cell per primitive cell, for the pyxtal parents
@@ -117,3 +117,34 @@ def test_the_ga_pairs_wyckoff_parents_within_one_space_group() -> None:
         else:
             assert groups[first] == groups[second] == 123
     assert {(1, 2), (2, 1)} <= set(pairs)
+
+
+@pytest.mark.parametrize("group", [227, 166, 12, 2])
+def test_mutated_children_keep_the_group_formula_cell_and_part_of_the_parent(group: int) -> None:
+    limits, rng = limits_for(SPINEL_CONTENT), np.random.default_rng(group)
+    tries = [
+        (parent, wyckoff_mutation(parent, SPINEL_CONTENT, limits, rng))
+        for parent in pyxtal_parents(group, 3)
+        for _ in range(5)
+    ]
+    made = [(parent, child) for parent, child in tries if child is not None]
+    assert len(made) >= 0.6 * len(tries)  # measured: 70-100% at these settings
+    for parent, child in made:
+        assert group_of(child) == group
+        assert child.composition.get_el_amt_dict() == {el: float(n) for el, n in SPINEL_CONTENT.items()}
+        before, after = symmetric_form(parent), symmetric_form(child)
+        assert after is not None
+        # the parent's cell shape (the overlap repair may have scaled it into the volume window)
+        assert np.allclose(after.parameters[3:], before.parameters[3:], atol=1e-3)
+        assert np.allclose(
+            after.parameters[:3] / after.parameters[0], before.parameters[:3] / before.parameters[0]
+        )
+    # most children are new structures (a redraw can land on an equivalent one; the engine screens those)
+    assert sum(not StructureMatcher().fit(parent, child) for parent, child in made) >= 0.7 * len(made)
+
+
+def test_a_parent_without_symmetry_is_not_mutated() -> None:
+    triclinic = pyxtal_parents(227, 1)[0].copy()
+    triclinic.perturb(0.4, min_distance=0.3)
+    limits = limits_for(SPINEL_CONTENT)
+    assert wyckoff_mutation(triclinic, SPINEL_CONTENT, limits, np.random.default_rng(0)) is None

@@ -1,4 +1,6 @@
-"""Wyckoff heredity: a child made of whole Wyckoff orbits of two parents that share a space group.
+"""Operators on Wyckoff orbits: children that keep their parents' space group by construction.
+
+Wyckoff heredity: a child made of whole Wyckoff orbits of two parents that share a space group.
 
 Cut-and-splice heredity (operators.heredity) mixes two parents in real space, and almost every such child
 relaxes into a P1 minimum, while the ground states searched for are mostly of high symmetry. Here the
@@ -14,6 +16,12 @@ Parents must share a space group (other than P1) and the size of their standard 
 second parent among the members of the first's space group (search/ga.py). The operator returns None when
 no valid child exists (different groups, no orbit split that keeps the formula, atoms too close), so the
 GA falls back to another operator.
+
+Wyckoff mutation: one symmetric parent keeps some of its orbits where they are and draws the others
+afresh on their Wyckoff positions (new free coordinates, and between orbits of equal size, new elements),
+in the parent's group and cell. A random symmetric structure that inherits part of a good one: random
+symmetric draws are what finds most ground states of small cells, and this one starts from a sublattice
+that already paid off.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ class SymmetricForm:
     group: int
     centring: str  # lattice centring of the standard cell (first letter of the Hall symbol)
     parameters: np.ndarray  # a, b, c (Å), alpha, beta, gamma (degrees) of the standard cell
+    lattice: np.ndarray  # the standard cell's lattice rows (Å)
     orbits: tuple[Orbit, ...]
     n_atoms: int  # atoms in the original cell
 
@@ -107,7 +116,9 @@ def symmetric_form(structure: Structure, symprec: float = SYMPREC) -> SymmetricF
     )
     parameters = np.array(Lattice(found.std_lattice).parameters)
     centring = found.hall.lstrip("-")[0]
-    return SymmetricForm(int(found.number), centring, parameters, orbits, len(structure))
+    return SymmetricForm(
+        int(found.number), centring, parameters, np.array(found.std_lattice), orbits, len(structure)
+    )
 
 
 def _subsets_with_sum(orbits: list[Orbit], target: int, rng: np.random.Generator) -> list[Orbit] | None:
@@ -201,6 +212,106 @@ def _repeated(cell: WorkingCell, n_atoms: int) -> WorkingCell | None:
         lattice[axis] *= repeat
     lattice, frac = reduced_basis(lattice, frac)
     return WorkingCell(lattice, frac % 1.0, symbols)
+
+
+def _operations(form: SymmetricForm) -> tuple[np.ndarray, np.ndarray] | None:
+    """The space group's operations in the standard cell (rotations, translations), from its idealised
+    atoms; None if spglib finds another group there."""
+    frac = np.concatenate([orbit.frac for orbit in form.orbits])
+    elements = sorted({orbit.element for orbit in form.orbits})
+    types = [elements.index(orbit.element) for orbit in form.orbits for _ in range(orbit.multiplicity)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = spglib.get_symmetry_dataset((form.lattice, frac, types), symprec=1e-3)
+    if found is None or found.number != form.group:
+        return None
+    return np.asarray(found.rotations, dtype=float), np.asarray(found.translations, dtype=float)
+
+
+def _orbit_points(point: np.ndarray, operations: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The distinct images of ``point`` under the operations, in [0, 1)."""
+    rotations, translations = operations
+    images = (np.einsum("kij,j->ki", rotations, point) + translations) % 1.0
+    kept: list[np.ndarray] = []
+    for image in images:
+        if kept:
+            delta = np.array(kept) - image
+            delta -= np.round(delta)
+            if np.any(np.abs(delta).max(axis=1) < SAME_SITE):
+                continue
+        kept.append(image)
+    return np.array(kept)
+
+
+def _same_points(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two orbits are the same set of points (periodic, any order)."""
+    if len(first) != len(second):
+        return False
+    delta = first[:, None, :] - second[None, :, :]
+    delta -= np.round(delta)
+    return bool((np.abs(delta).max(axis=2) < SAME_SITE).any(axis=1).all())
+
+
+def _redrawn(orbit: Orbit, operations: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The orbit's Wyckoff position with new free coordinates: the representative moved by a uniform
+    random vector projected onto the fixed space of its site-symmetry rotations (their average), which
+    every operation fixing the representative also fixes. Empty if the new point happens to be more
+    special than the old one (a smaller orbit)."""
+    rotations, translations = operations
+    point = orbit.frac[0]
+    images = (np.einsum("kij,j->ki", rotations, point) + translations) - point
+    fixing = np.abs(images - np.round(images)).max(axis=1) < SAME_SITE
+    projector = rotations[fixing].mean(axis=0)
+    moved = _orbit_points((point + projector @ rng.random(3)) % 1.0, operations)
+    return moved if len(moved) == orbit.multiplicity else np.empty((0, 3))
+
+
+def wyckoff_mutation(
+    parent: Structure,
+    content: dict[str, int],
+    limits: GeometryLimits,
+    rng: np.random.Generator,
+    symprec: float = SYMPREC,
+) -> Structure | None:
+    """The parent with some orbits kept and the others drawn afresh on their Wyckoff positions, elements
+    shuffled among redrawn orbits of equal size; None when no valid child comes (see module doc)."""
+    form = symmetric_form(parent, symprec)
+    operations = None if form is None else _operations(form)
+    if form is None or operations is None:
+        return None
+    lattice = Lattice(form.lattice)
+    for _ in range(ATTEMPTS):
+        redraw = rng.random(len(form.orbits)) < 0.5
+        if not redraw.any():
+            redraw[rng.integers(len(form.orbits))] = True
+        kept = [orbit for orbit, again in zip(form.orbits, redraw, strict=True) if not again]
+        fresh = [orbit for orbit, again in zip(form.orbits, redraw, strict=True) if again]
+        elements = [orbit.element for orbit in fresh]
+        for size in {orbit.multiplicity for orbit in fresh}:
+            same_size = [i for i, orbit in enumerate(fresh) if orbit.multiplicity == size]
+            shuffled = rng.permutation(same_size)
+            elements_before = list(elements)
+            for target, source in zip(same_size, shuffled, strict=True):
+                elements[target] = elements_before[source]
+        points = [_redrawn(orbit, operations, rng) for orbit in fresh]
+        if any(len(p) == 0 for p in points):
+            continue
+        if all(
+            any(el == orbit.element and _same_points(p, orbit.frac) for orbit in fresh)
+            for el, p in zip(elements, points, strict=True)
+        ):
+            continue  # only orbits without free coordinates were drawn, with the elements they had
+        orbits = kept + [Orbit(el, p) for el, p in zip(elements, points, strict=True)]
+        symbols = np.array([orbit.element for orbit in orbits for _ in range(orbit.multiplicity)])
+        frac = np.concatenate([orbit.frac for orbit in orbits])
+        primitive = _primitive(lattice.matrix, frac, symbols, form.centring)
+        cell = None if primitive is None else _repeated(primitive, form.n_atoms)
+        if cell is None:
+            continue
+        made = finish(cell, content, limits, repair=False) or finish(cell, content, limits, repair=True)
+        if made is not None:
+            return made
+    return None
 
 
 def wyckoff_heredity(
