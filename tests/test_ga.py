@@ -232,3 +232,18 @@ def test_the_state_text_reuses_the_population_encoding_and_equals_plain_json() -
         assert texts[-1] == json.dumps(state, separators=SEPARATORS)
         assert search.state_dict()["population"] is state["population"]  # nothing changed: not encoded again
     assert json.loads(texts[-1])["population"][0]["refound"] == 1  # a member's history changed: re-encoded
+    # DEAP's random state and the statistics record: encoded again only when they change
+    before = search.state_dict()
+    assert search.state_dict()["py_random"] is before["py_random"]
+    search._select(1)  # a tournament draws from DEAP's random numbers
+    after = search.state_dict()
+    assert after["py_random"] is not before["py_random"] and after["py_random"] != before["py_random"]
+    assert after["logbook"] is before["logbook"]
+    for candidate_id in range(4, 4 + search.ga.population_size):
+        search.tell(candidate_id, _relaxed(candidate_id, -0.001 * candidate_id))
+    grown = search.state_dict()
+    assert len(grown["logbook"]) == len(before["logbook"]) + 1
+    assert encode_state(grown) == json.dumps(grown, separators=SEPARATORS)
+    restored = _cu2au2_ga("enc")[1]
+    restored.load_state_dict(json.loads(encode_state(grown)))
+    assert encode_state(restored.state_dict()) == encode_state(grown)

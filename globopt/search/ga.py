@@ -116,6 +116,8 @@ class GeneticSearch(SearchAlgorithm):
         self._operator_names, self._operator_p = names, weights / weights.sum()
         self.population: list[Member] = []
         self._encoded_population: tuple[tuple, PreEncodedList] | None = None  # see _population_state
+        self._encoded_py_random: tuple[tuple, PreEncodedList] | None = None  # see _py_random_json
+        self._encoded_logbook: tuple[tuple, PreEncodedList] | None = None  # see _logbook_json
         self.hall_of_fame: list[dict[str, Any]] = []
         self.initial_target = ga.initial_random or ga.population_size
         # share of the first generation drawn from a trained generative model (generators/seeding.py)
@@ -364,22 +366,36 @@ class GeneticSearch(SearchAlgorithm):
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = self._py_random_state
         return {
             "kind": "ga",
             "rng": self.rng.bit_generator.state,
-            "py_random": [version, list(internal), gauss],
+            "py_random": self._py_random_json(),
             "population": self._population_state(),
             "hall_of_fame": self.hall_of_fame,
             "initial_proposed": self.initial_proposed,
             "told": self.told,
             "outstanding": {str(k): v for k, v in self.outstanding.items()},
             "operator_stats": self.operator_stats,
-            "logbook": self.logbook,
+            "logbook": self._logbook_json(),
             "generator_seeds": None if self.seeder is None else self.seeder.state_dict(),
             "random_next": self.random_stream.next_index,
             "children": self.children.state_dict(),
         }
+
+    def _py_random_json(self) -> PreEncodedList:
+        """DEAP's random state (625 numbers), encoded again only after a tournament has drawn from it."""
+        if self._encoded_py_random is None or self._encoded_py_random[0] is not self._py_random_state:
+            version, internal, gauss = self._py_random_state
+            encoded = PreEncodedList([version, list(internal), gauss])
+            self._encoded_py_random = (self._py_random_state, encoded)
+        return self._encoded_py_random[1]
+
+    def _logbook_json(self) -> PreEncodedList:
+        """The statistics record, encoded again only when a record was added."""
+        signature = (len(self.logbook), self.logbook[-1]["evaluations"] if self.logbook else None)
+        if self._encoded_logbook is None or self._encoded_logbook[0] != signature:
+            self._encoded_logbook = (signature, PreEncodedList(list(self.logbook)))
+        return self._encoded_logbook[1]
 
     def _population_state(self) -> PreEncodedList:
         """The members as state, encoded again only when membership or a member's history changed."""
@@ -394,6 +410,7 @@ class GeneticSearch(SearchAlgorithm):
         self.rng.bit_generator.state = state["rng"]
         version, internal, gauss = state["py_random"]
         self._py_random_state = (version, tuple(internal), gauss)
+        self._encoded_population = self._encoded_py_random = self._encoded_logbook = None
         self.population = []
         for entry in state["population"]:
             structure = structure_from_dict(entry["structure"])
