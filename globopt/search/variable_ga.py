@@ -32,7 +32,7 @@ from globopt.hull.tracker import HullTracker
 from globopt.search.composition_operators import COMPOSITION_OPERATORS, VARIABLE_HEREDITY
 from globopt.search.composition_sampling import CompositionSampler
 from globopt.search.ga import LOGBOOK_KEPT, MAX_OPERATOR_TRIES, GeneticSearch, Member
-from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS
+from globopt.search.operators import IMMIGRANT_ATTEMPTS, VARIATION_OPERATORS, VariationOperator
 
 
 class VariableCompositionGA(GeneticSearch):
@@ -105,7 +105,10 @@ class VariableCompositionGA(GeneticSearch):
             operator = COMPOSITION_OPERATORS.get(name, VARIABLE_HEREDITY)
         else:
             operator = VARIATION_OPERATORS[name]
-        parents = self._select(operator.n_parents)
+        if isinstance(operator, VariationOperator):  # Wyckoff heredity pairs parents of one space group
+            parents = self._parents_for(operator)
+        else:
+            parents = self._select(operator.n_parents)
         if len({p.candidate_id for p in parents}) < len(parents):
             return None  # a crossover of a member with itself
         structures = tuple(p.structure for p in parents)
