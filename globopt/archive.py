@@ -24,9 +24,6 @@ from globopt.candidate import Evaluation, Proposal, RelaxTask, Status
 from globopt.state_json import encode_state
 from globopt.structure_codec import structure_from_json, structure_to_json
 
-# The search state as the archive takes it: a dict, a function making one when it is written, or None.
-SearchState = dict[str, Any] | Callable[[], dict[str, Any]] | None
-
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -231,7 +228,6 @@ class Archive:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
         self.read_only = read_only
-        self._state_owed: SearchState = None  # owed by screened rows not yet committed (add_candidate)
         exists = path.exists()
         if exists and path.stat().st_size == 0:
             raise ArchiveError(damaged_message(path, "the file is empty (0 bytes)", empty=True))
@@ -343,12 +339,9 @@ class Archive:
             if level != self._synchronous:
                 self.db.execute(f"PRAGMA synchronous={level}")
                 self._synchronous = level
-        return _Transaction(self.db, self.path, commit, before_commit=self._pay_state_owed)
+        return _Transaction(self.db, self.path, commit)
 
-    def _write_state(self, state: SearchState) -> None:
-        if callable(state):
-            state = state()
-        self._state_owed = None
+    def _write_state(self, state: dict[str, Any] | None) -> None:
         if state is not None:
             self.db.execute(
                 "INSERT INTO search_state(key, value) VALUES('state', ?) "
@@ -356,27 +349,18 @@ class Archive:
                 (encode_state(state),),
             )
 
-    def _pay_state_owed(self) -> None:
-        """Write the search state that uncommitted screened rows left owing, in the transaction that
-        commits them (unless that transaction wrote a newer state itself)."""
-        if self._state_owed is not None:
-            self._write_state(self._state_owed)
-
     def add_candidate(
         self,
         proposal: Proposal,
         status: Status,
-        state: SearchState | Callable[[int], SearchState],
+        state: dict[str, Any] | Callable[[int], dict[str, Any]] | None,
         reason: str = "",
         duplicate_of: int | None = None,
     ) -> int:
         """Insert a new candidate (pending, or rejected before relaxation) together with the search state.
 
         ``state`` may be a function of the new id: the search learns the id and its state is written in the
-        same transaction, so the archive never holds a candidate the stored search state does not know. The
-        state (or the function's result) may itself be a function that makes the state dict: for a
-        screened-out candidate it is only called when its row is committed, so a run of rejections and
-        duplicates costs one state encoding, not one each.
+        same transaction, so the archive never holds a candidate the stored search state does not know.
 
         A candidate screened out before relaxation (rejected, duplicate) is not committed on its own: it
         joins the next transaction that is (the next pending candidate or result). A pending candidate is
@@ -409,11 +393,7 @@ class Archive:
                 ),
             )
             candidate_id = int(cursor.lastrowid)
-            after = state(candidate_id) if callable(state) else state
-            if status is Status.PENDING:
-                self._write_state(after)
-            else:  # written when this row is committed, by whichever transaction commits it
-                self._state_owed = after
+            self._write_state(state(candidate_id) if callable(state) else state)
         return candidate_id
 
     def record_attempt(self, candidate_id: int, attempt: int) -> None:
@@ -590,17 +570,10 @@ class _Transaction:
     itself only reports "disk I/O error" or "database or disk is full".
     """
 
-    def __init__(
-        self,
-        db: sqlite3.Connection,
-        path: Path,
-        commit: bool = True,
-        before_commit: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, commit: bool = True) -> None:
         self.db = db
         self.path = path
         self.commit = commit  # False: leave the transaction open for the next one to commit
-        self.before_commit = before_commit  # last writes of a committing transaction
 
     def __enter__(self) -> None:
         if self.db.in_transaction:  # continuing uncommitted work (see Archive.add_candidate)
@@ -615,16 +588,11 @@ class _Transaction:
             if not self.commit:
                 return
             try:
-                if self.before_commit is not None:
-                    self.before_commit()
                 self.db.execute("COMMIT")
                 return
             except sqlite3.OperationalError as error:
                 self._rollback()
                 raise ArchiveError(write_failure_message(self.path, error)) from error
-            except BaseException:  # the owed state could not be made: nothing of this transaction lands
-                self._rollback()
-                raise
         self._rollback()
         if isinstance(exc, sqlite3.OperationalError):
             raise ArchiveError(write_failure_message(self.path, exc)) from exc

@@ -22,7 +22,6 @@ import math
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -447,13 +446,12 @@ class Engine:
         return self.search.state_dict()
 
     def _record_screened_out(self, proposal: Proposal, verdict: ScreenedOut) -> None:
-        def state_after(candidate_id: int) -> Callable[[], dict]:
+        def state_after(candidate_id: int) -> dict:
             # The search hears of the rejection like any other outcome, so a PSO particle or GA slot waiting
-            # on this proposal is freed. Its state is made only when the row is committed (with the next
-            # pending candidate or result): one state for a run of screened-out proposals.
+            # on this proposal is freed.
             self.search.proposed(candidate_id)
             self.search.tell(candidate_id, Evaluation(candidate_id, verdict.status, verdict.reason))
-            return self.search.state_dict
+            return self.search.state_dict()
 
         candidate_id = self.archive.add_candidate(
             proposal, verdict.status, state_after, verdict.reason, verdict.duplicate_of

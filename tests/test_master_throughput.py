@@ -192,34 +192,6 @@ def test_screened_rows_are_committed_with_the_next_durable_write(tmp_path: Path)
     assert other.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 3
 
 
-def test_a_run_of_screened_rows_makes_the_search_state_once_when_committed(tmp_path: Path) -> None:
-    """A screened-out row's state may be a function: it is called only if that row is committed before a
-    newer state is written, and then once, by whichever transaction commits it."""
-    archive = Archive(tmp_path / "archive.sqlite")
-    structure = _stream().next().structure
-    made: list[int] = []
-
-    def lazy(n: int):
-        """As the engine passes it: told the new id, the search returns its state as a function."""
-        return lambda candidate_id: lambda: made.append(n) or {"n": n}
-
-    for n in (1, 2, 3):
-        archive.add_candidate(Proposal(structure, "test"), Status.DUPLICATE, lazy(n), "same")
-    pending = archive.add_candidate(Proposal(structure, "test"), Status.PENDING, {"n": 4})
-    assert made == []  # the pending row's own state is newer: the screened rows' states were never made
-    archive.add_candidate(Proposal(structure, "test"), Status.REJECTED, lazy(5), "too close")
-    archive.add_candidate(Proposal(structure, "test"), Status.REJECTED, lazy(6), "too close")
-    archive.record_attempt(pending, 2)  # a write of its own commits the screened rows, with their state
-    assert made == [6]
-    other = sqlite3.connect(tmp_path / "archive.sqlite")
-    assert other.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 6
-    assert json.loads(other.execute("SELECT value FROM search_state").fetchone()[0]) == {"n": 6}
-    archive.add_candidate(Proposal(structure, "test"), Status.REJECTED, lazy(7), "too close")
-    archive.close()  # closing commits the trailing screened row, with the state it left owing
-    assert made == [6, 7]
-    assert json.loads(other.execute("SELECT value FROM search_state").fetchone()[0]) == {"n": 7}
-
-
 @pytest.mark.slow
 def test_random_search_proposes_the_same_structures_with_a_process_pool(tmp_path: Path) -> None:
     """workers: 2 builds most random structures in the pool; the proposals, in id order, must be the ones
