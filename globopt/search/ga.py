@@ -19,6 +19,7 @@ swaps it in around every DEAP call, so a checkpointed search resumes bit-for-bit
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -115,9 +116,7 @@ class GeneticSearch(SearchAlgorithm):
         weights = np.array([ga.operators[n] for n in names], dtype=float)
         self._operator_names, self._operator_p = names, weights / weights.sum()
         self.population: list[Member] = []
-        self._encoded_population: tuple[tuple, PreEncodedList] | None = None  # see _population_state
-        self._encoded_py_random: tuple[tuple, PreEncodedList] | None = None  # see _py_random_json
-        self._encoded_logbook: tuple[tuple, PreEncodedList] | None = None  # see _logbook_json
+        self._encoded: dict[str, tuple[Any, PreEncodedList]] = {}  # see _encoded_once
         self.hall_of_fame: list[dict[str, Any]] = []
         self.initial_target = ga.initial_random or ga.population_size
         # share of the first generation drawn from a trained generative model (generators/seeding.py)
@@ -262,25 +261,25 @@ class GeneticSearch(SearchAlgorithm):
         if first.spacegroup in (None, 1) or not mates:
             return [first, first]
         with self._deap_random():
-            aspirants = [random.choice(mates) for _ in range(self.ga.tournament_size)]
-        return [first, min(aspirants, key=lambda m: (m.exhausted, m.scores))]
+            return [first, self._tournament_winner(mates)]
 
     def _select(self, k: int) -> list[Member]:
         """Tournament on fitness (single objective) or on NSGA-II rank and crowding (several)."""
         with self._deap_random():
             if len(self.objectives) == 0:
                 # DEAP's selTournament (same draws), with mined-out members losing to fresh ones
-                picks = []
-                for _ in range(k):
-                    aspirants = [random.choice(self.population) for _ in range(self.ga.tournament_size)]
-                    picks.append(min(aspirants, key=lambda m: (m.exhausted, m.scores)))
-                return picks
+                return [self._tournament_winner(self.population) for _ in range(k)]
             ranked = _nsga2_order(self.population)
             picks = []
             for _ in range(k):
                 contenders = random.sample(range(len(ranked)), min(self.ga.tournament_size, len(ranked)))
                 picks.append(ranked[min(contenders)])
             return picks
+
+    def _tournament_winner(self, members: list[Member]) -> Member:
+        """One single-objective tournament among ``members``; call inside ``_deap_random``."""
+        aspirants = [random.choice(members) for _ in range(self.ga.tournament_size)]
+        return min(aspirants, key=lambda m: (m.exhausted, m.scores))
 
     @contextmanager
     def _deap_random(self):
@@ -382,27 +381,27 @@ class GeneticSearch(SearchAlgorithm):
             "children": self.children.state_dict(),
         }
 
+    def _encoded_once(self, part: str, signature: Any, items: Callable[[], list]) -> PreEncodedList:
+        """A part of the state as a PreEncodedList, made and encoded again only when ``signature`` changes."""
+        cached = self._encoded.get(part)
+        if cached is None or cached[0] != signature:
+            cached = self._encoded[part] = (signature, PreEncodedList(items()))
+        return cached[1]
+
     def _py_random_json(self) -> PreEncodedList:
-        """DEAP's random state (625 numbers), encoded again only after a tournament has drawn from it."""
-        if self._encoded_py_random is None or self._encoded_py_random[0] is not self._py_random_state:
-            version, internal, gauss = self._py_random_state
-            encoded = PreEncodedList([version, list(internal), gauss])
-            self._encoded_py_random = (self._py_random_state, encoded)
-        return self._encoded_py_random[1]
+        """DEAP's random state (625 numbers): it changes only when a tournament draws from it."""
+        state = self._py_random_state
+        return self._encoded_once("py_random", state, lambda: [state[0], list(state[1]), state[2]])
 
     def _logbook_json(self) -> PreEncodedList:
-        """The statistics record, encoded again only when a record was added."""
+        """The statistics record: it changes only when a record is added."""
         signature = (len(self.logbook), self.logbook[-1]["evaluations"] if self.logbook else None)
-        if self._encoded_logbook is None or self._encoded_logbook[0] != signature:
-            self._encoded_logbook = (signature, PreEncodedList(list(self.logbook)))
-        return self._encoded_logbook[1]
+        return self._encoded_once("logbook", signature, lambda: list(self.logbook))
 
     def _population_state(self) -> PreEncodedList:
-        """The members as state, encoded again only when membership or a member's history changed."""
+        """The members: they change when membership or a member's history changes."""
         signature = tuple((member.candidate_id, member.refound) for member in self.population)
-        if self._encoded_population is None or self._encoded_population[0] != signature:
-            self._encoded_population = (signature, PreEncodedList([m.as_state() for m in self.population]))
-        return self._encoded_population[1]
+        return self._encoded_once("population", signature, lambda: [m.as_state() for m in self.population])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "ga":
@@ -410,7 +409,7 @@ class GeneticSearch(SearchAlgorithm):
         self.rng.bit_generator.state = state["rng"]
         version, internal, gauss = state["py_random"]
         self._py_random_state = (version, tuple(internal), gauss)
-        self._encoded_population = self._encoded_py_random = self._encoded_logbook = None
+        self._encoded.clear()
         self.population = []
         for entry in state["population"]:
             structure = structure_from_dict(entry["structure"])

@@ -173,6 +173,44 @@ def _blended_lattice(first: SymmetricForm, second: SymmetricForm, weight: float)
     return lattice.scale(target)
 
 
+def _distinct(points: np.ndarray) -> list[int]:
+    """Indices of the first of each group of periodically equal fractional points, in order."""
+    kept: list[int] = []
+    for index, point in enumerate(points):
+        if kept:
+            delta = points[kept] - point
+            delta -= np.round(delta)
+            if np.any(np.abs(delta).max(axis=1) < SAME_SITE):
+                continue
+        kept.append(index)
+    return kept
+
+
+def _sites(orbits: list[Orbit] | tuple[Orbit, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The orbits' atoms as (element symbols, fractional coordinates), orbit by orbit."""
+    symbols = np.array([orbit.element for orbit in orbits for _ in range(orbit.multiplicity)])
+    return symbols, np.concatenate([orbit.frac for orbit in orbits])
+
+
+def _child(
+    orbits: list[Orbit],
+    lattice: np.ndarray,
+    centring: str,
+    n_atoms: int,
+    content: dict[str, int],
+    limits: GeometryLimits,
+) -> Structure | None:
+    """The structure the orbits make in the standard cell ``lattice``, as a checked cell of ``n_atoms``,
+    or None. Without a generator the overlap repair pushes symmetry-equivalent pairs alike: the group
+    stays."""
+    symbols, frac = _sites(orbits)
+    primitive = _primitive(lattice, frac, symbols, centring)
+    cell = None if primitive is None else _repeated(primitive, n_atoms)
+    if cell is None:
+        return None
+    return finish(cell, content, limits, repair=False) or finish(cell, content, limits, repair=True)
+
+
 def _primitive(
     lattice: np.ndarray, frac: np.ndarray, symbols: np.ndarray, centring: str
 ) -> WorkingCell | None:
@@ -181,14 +219,7 @@ def _primitive(
     to_primitive = CENTRING_TO_PRIMITIVE[centring]
     primitive_lattice = to_primitive @ lattice
     folded = (frac @ np.linalg.inv(to_primitive)) % 1.0
-    kept: list[int] = []
-    for index, point in enumerate(folded):
-        if kept:
-            delta = folded[kept] - point
-            delta -= np.round(delta)
-            if np.any(np.abs(delta).max(axis=1) < SAME_SITE):
-                continue
-        kept.append(index)
+    kept = _distinct(folded)
     expected = len(frac) * abs(np.linalg.det(to_primitive))
     if len(kept) != round(expected):
         return None
@@ -217,9 +248,9 @@ def _repeated(cell: WorkingCell, n_atoms: int) -> WorkingCell | None:
 def _operations(form: SymmetricForm) -> tuple[np.ndarray, np.ndarray] | None:
     """The space group's operations in the standard cell (rotations, translations), from its idealised
     atoms; None if spglib finds another group there."""
-    frac = np.concatenate([orbit.frac for orbit in form.orbits])
-    elements = sorted({orbit.element for orbit in form.orbits})
-    types = [elements.index(orbit.element) for orbit in form.orbits for _ in range(orbit.multiplicity)]
+    symbols, frac = _sites(form.orbits)
+    elements = sorted(set(symbols))
+    types = [elements.index(symbol) for symbol in symbols]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found = spglib.get_symmetry_dataset((form.lattice, frac, types), symprec=1e-3)
@@ -232,15 +263,7 @@ def _orbit_points(point: np.ndarray, operations: tuple[np.ndarray, np.ndarray]) 
     """The distinct images of ``point`` under the operations, in [0, 1)."""
     rotations, translations = operations
     images = (np.einsum("kij,j->ki", rotations, point) + translations) % 1.0
-    kept: list[np.ndarray] = []
-    for image in images:
-        if kept:
-            delta = np.array(kept) - image
-            delta -= np.round(delta)
-            if np.any(np.abs(delta).max(axis=1) < SAME_SITE):
-                continue
-        kept.append(image)
-    return np.array(kept)
+    return images[_distinct(images)]
 
 
 def _same_points(first: np.ndarray, second: np.ndarray) -> bool:
@@ -279,7 +302,6 @@ def wyckoff_mutation(
     operations = None if form is None else _operations(form)
     if form is None or operations is None:
         return None
-    lattice = Lattice(form.lattice)
     for _ in range(ATTEMPTS):
         redraw = rng.random(len(form.orbits)) < 0.5
         if not redraw.any():
@@ -302,13 +324,7 @@ def wyckoff_mutation(
         ):
             continue  # only orbits without free coordinates were drawn, with the elements they had
         orbits = kept + [Orbit(el, p) for el, p in zip(elements, points, strict=True)]
-        symbols = np.array([orbit.element for orbit in orbits for _ in range(orbit.multiplicity)])
-        frac = np.concatenate([orbit.frac for orbit in orbits])
-        primitive = _primitive(lattice.matrix, frac, symbols, form.centring)
-        cell = None if primitive is None else _repeated(primitive, form.n_atoms)
-        if cell is None:
-            continue
-        made = finish(cell, content, limits, repair=False) or finish(cell, content, limits, repair=True)
+        made = _child(orbits, form.lattice, form.centring, form.n_atoms, content, limits)
         if made is not None:
             return made
     return None
@@ -332,16 +348,8 @@ def wyckoff_heredity(
         split = _orbit_split(first, second, rng)
         if split is None:
             return None
-        orbits = split[0] + split[1]
         lattice = _blended_lattice(first, second, float(rng.uniform(0.25, 0.75)))
-        symbols = np.array([orbit.element for orbit in orbits for _ in range(orbit.multiplicity)])
-        frac = np.concatenate([orbit.frac for orbit in orbits])
-        primitive = _primitive(lattice.matrix, frac, symbols, first.centring)
-        cell = None if primitive is None else _repeated(primitive, first.n_atoms)
-        if cell is None:
-            continue
-        # without a generator the overlap repair pushes symmetry-equivalent pairs alike: the group stays
-        made = finish(cell, content, limits, repair=False) or finish(cell, content, limits, repair=True)
+        made = _child(split[0] + split[1], lattice.matrix, first.centring, first.n_atoms, content, limits)
         if made is not None:
             return made
     return None
