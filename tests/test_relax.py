@@ -196,3 +196,25 @@ def test_a_promising_relaxation_that_runs_out_of_steps_is_extended_once() -> Non
     assert not hopeless.converged and hopeless.n_steps == 3
     once = relax(cu_cell(), EMT(), settings(max_steps=2, extend_steps=2))
     assert not once.converged and once.n_steps == 4  # extended by 2, then no more
+
+
+def test_the_exact_state_check_agrees_with_ases_comparison() -> None:
+    """The cheap state check of relaxation calculators must recompute exactly when ASE's would."""
+    from ase.calculators.calculator import compare_atoms
+
+    from surrogates.potentials import exact_system_changes
+
+    reference = bulk("Cu", "fcc", a=3.6, cubic=True)
+    moved = reference.copy()
+    moved.positions[1, 0] += 1e-9
+    strained = reference.copy()
+    strained.set_cell(reference.cell * 1.001, scale_atoms=False)
+    open_cell = reference.copy()
+    open_cell.pbc = (True, True, False)
+    swapped = reference.copy()
+    swapped.numbers[0] = 79
+    magnetic = reference.copy()
+    magnetic.set_initial_magnetic_moments([1.0] * len(reference))
+    for atoms in (reference.copy(), moved, strained, open_cell, swapped, magnetic):
+        assert sorted(exact_system_changes(reference, atoms)) == sorted(compare_atoms(reference, atoms))
+    assert sorted(exact_system_changes(None, reference)) == sorted(compare_atoms(None, reference))

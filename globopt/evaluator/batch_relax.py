@@ -12,9 +12,9 @@ never holds the others back and the batch stays full.
 
 Why lockstep ASE optimisers rather than a batched optimiser on tensors (torch-sim): every structure takes
 exactly the steps of the single path, so statuses, step counts and energies agree with it to the potential's
-float32 round-off, and the guards, early stop and known-minima watch are shared code. The optimiser costs
-about 0.1 ms of Python per structure and step against 2-15 ms for the batched potential call on a CPU
-(docs/throughput.md has the measurement and the comparison).
+float32 round-off, and the guards, early stop and known-minima watch are shared code. The optimiser, cell
+filter and guards cost about 1 ms of Python per structure and step against 5-6 ms of batched M3GNet per
+8-atom structure on one CPU thread (docs/throughput.md has the measurement and the comparison).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from ase.calculators.calculator import Calculator, all_changes
 from globopt.evaluator.early_stop import EarlyStopper
 from globopt.evaluator.known_minima import KnownMinimaWatch
 from globopt.evaluator.relax import Relaxation, RelaxOutcome, RelaxSettings
-from surrogates.potentials import BatchPotential
+from surrogates.potentials import BatchPotential, ExactStateCheck
 
 
 class MissingResult(RuntimeError):
     """A relaxation asked for a configuration the batched call did not evaluate (a driver bug)."""
 
 
-class ServedCalculator(Calculator):
+class ServedCalculator(ExactStateCheck, Calculator):
     """An ASE calculator that only answers for the configuration whose results it was served.
 
     ASE caches a calculator's results while the atoms are unchanged, so serving sets both the cached
