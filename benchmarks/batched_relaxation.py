@@ -28,31 +28,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the geometry checks of a run's defaults: minimum-distance factor, volume window
+CHECKS = (0.6, (0.4, 8.0))
+
 
 def starting_cells(formula: str, count: int, seed: int) -> list:
-    """The first ``count`` proposals of a random search of ``formula`` that pass the geometry checks."""
+    """The first ``count`` proposals of a random search of ``formula``, rattled as in a run, with the
+    geometry limits of their composition (relaxation_settings.starting_structures)."""
     from pymatgen.core import Composition
-    from pymatgen.io.ase import AseAtomsAdaptor
+    from relaxation_settings import starting_structures
 
-    from globopt.evaluator.evaluate import EvaluatorSettings, rattle_within_limits
-    from globopt.evaluator.relax import RelaxSettings
-    from globopt.geometry import geometry_limits, geometry_problem
-    from globopt.search.random_search import RandomSymmetricSearch
+    from globopt.geometry import geometry_limits
 
     content = {el.symbol: int(n) for el, n in Composition(formula).items()}
-    limits = geometry_limits(content, content.values(), 0.6, (0.4, 8.0))
-    search = RandomSymmetricSearch([content], seed, limits=limits)
-    settings = EvaluatorSettings({}, RelaxSettings(min_distance=limits.min_distance), rattle=0.05, seed=seed)
-    cells, candidate_id = [], 0
-    while len(cells) < count:
-        proposal = search.propose()
-        candidate_id += 1
-        if geometry_problem(proposal.structure, limits):
-            continue
-        atoms = AseAtomsAdaptor.get_atoms(proposal.structure)
-        atoms.positions += rattle_within_limits(atoms, settings, candidate_id)
-        cells.append((atoms, limits))
-    return cells
+    limits = geometry_limits(content, content.values(), *CHECKS)
+    return [(atoms, limits) for _, atoms in starting_structures(content, count, seed, 0.05, CHECKS)]
 
 
 def relax_single(cells, calculator, settings) -> list[dict[str, Any]]:

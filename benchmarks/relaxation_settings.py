@@ -57,8 +57,9 @@ def variants() -> dict[str, Any]:
     }
 
 
-def starting_structures(entry, count: int, seed: int, rattle: float, checks) -> list:
-    """The first ``count`` proposals of a random search of the entry's content, rattled as in a run."""
+def starting_structures(content: dict[str, int], count: int, seed: int, rattle: float, checks) -> list:
+    """The first ``count`` proposals of a random search of ``content`` that pass the geometry checks,
+    rattled as in a run, as (origin, atoms); also used by batched_relaxation.py."""
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from globopt.evaluator.evaluate import EvaluatorSettings, rattle_within_limits
@@ -66,7 +67,6 @@ def starting_structures(entry, count: int, seed: int, rattle: float, checks) -> 
     from globopt.geometry import geometry_limits, geometry_problem
     from globopt.search.random_search import RandomSymmetricSearch
 
-    content = entry.composition
     limits = geometry_limits(content, content.values(), *checks)
     search = RandomSymmetricSearch([content], seed, limits=limits)
     settings = EvaluatorSettings(
@@ -154,7 +154,9 @@ def main() -> int:
     )
     done = {(r["entry"], r["index"], r["variant"]) for r in document["results"]}
     for entry in suite.select(args.structures):
-        structures = starting_structures(entry, args.per_entry, args.seed, 0.05, (0.6, (0.4, 8.0)))
+        structures = starting_structures(
+            entry.composition, args.per_entry, args.seed, 0.05, (0.6, (0.4, 8.0))
+        )
         for index, (origin, atoms) in enumerate(structures):
             for name in chosen:
                 if (entry.name, index, name) in done:
